@@ -1,0 +1,100 @@
+"""The ``dynconvert`` command: a thin click shell over the Python API.
+
+``dynconvert MODEL ...`` is the convert command; the other commands are named
+(``inspect``, ``finetune``, ``export``, ``bench``). Each command lives in its own module and
+is registered in ``_COMMANDS``.
+
+Exit codes: 0 ok, 1 failure, 2 bad usage. Errors are one line; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from importlib import import_module
+
+import click
+
+from ..errors import DynconvertError
+
+# name -> "module:attribute" of a click.Command; imported only when that command runs.
+_COMMANDS = {
+    "convert": "dynconvert.cli.convert_cmd:convert_command",
+    "inspect": "dynconvert.cli.inspect_cmd:inspect_command",
+    "finetune": "dynconvert.cli.finetune_cmd:finetune_command",
+    "export": "dynconvert.cli.export_cmd:export_command",
+    "bench": "dynconvert.cli.bench_cmd:bench_command",
+}
+DEFAULT_COMMAND = "convert"
+
+
+class _Group(click.Group):
+    """Lazily loaded subcommands; an unknown first word is the MODEL of ``convert``."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in _COMMANDS:
+            return None
+        module, attr = _COMMANDS[name].split(":")
+        try:
+            return getattr(import_module(module), attr)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("dynconvert"):
+                return None  # command not built yet
+            raise
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        if args and args[0] not in _COMMANDS and not args[0].startswith("-"):
+            args = [DEFAULT_COMMAND, *args]
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.version_option(package_name="dynconvert")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Convert, fine-tune and export dynamic-convolution models.
+
+    \b
+    dynconvert resnet50 --k 4 --out model.pt     convert a timm model and save it
+    dynconvert inspect model.pt                  show what was converted
+    """
+    ctx.obj = {"debug": debug}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the CLI and maps failures to one line and an exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        cli.main(args=argv, prog_name="dynconvert", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except DynconvertError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        return 2 if exc.usage else 1
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        return 130
+    except Exception as exc:  # any other failure is still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        else:
+            click.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

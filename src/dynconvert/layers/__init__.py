@@ -1,0 +1,22 @@
+"""Dynamic convolution layers (Chen et al., CVPR 2020)."""
+
+from .attention import KernelAttention
+from .dynamic_conv import (
+    DynamicConv1d,
+    DynamicConv2d,
+    DynamicConv3d,
+    DynamicConvNd,
+    zero_sum_kernels,
+)
+from .strategies import STRATEGIES, select_strategy
+
+__all__ = [
+    "STRATEGIES",
+    "DynamicConv1d",
+    "DynamicConv2d",
+    "DynamicConv3d",
+    "DynamicConvNd",
+    "KernelAttention",
+    "select_strategy",
+    "zero_sum_kernels",
+]

@@ -1,0 +1,311 @@
+"""Dynamic convolution: K kernels per layer, mixed per sample by a small attention branch.
+
+Chen et al., "Dynamic Convolution: Attention over Convolution Kernels", CVPR 2020.
+
+``DynamicConv1d/2d/3d`` take every argument of ``nn.Conv1d/2d/3d`` (tuples, ``'same'``,
+padding modes, dilation, groups, bias, ``device``/``dtype``) plus ``k``, the router's
+``ratio`` and ``temperature``. :meth:`DynamicConvNd.from_conv` starts the layer exactly where a
+trained conv was (see :func:`zero_sum_kernels`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import KernelAttention
+from .padding import ResolvedPadding, ntuple, resolve_padding
+from .strategies import STRATEGIES, mix_kernels, select_strategy
+
+_CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _check_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k: expected an int >= 1, got {k!r}")
+    if k < 1:
+        raise ValueError(f"k: expected an int >= 1, got {k}")
+    return k
+
+
+def zero_sum_kernels(
+    weight: torch.Tensor, k: int, noise: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """K copies of ``weight`` plus a perturbation that sums to zero over K.
+
+    With a uniform router (its logit layer is zero-initialised), the mixed kernel
+    ``Σ_k W_k / K`` is exactly ``weight``, so the converted layer computes the trained conv.
+    The copies still differ, so ``∂loss/∂a_k = <∂loss/∂W_mixed, W_k>`` differs over k and the
+    router gets a non-zero gradient; identical copies would leave it at exactly zero.
+
+    ``noise`` is relative to the standard deviation of ``weight`` (or of a Kaiming init when
+    ``weight`` is constant). The perturbation is drawn in float64 on the CPU, so it is the
+    same on every device for one generator seed.
+    """
+    if not noise >= 0:
+        raise ValueError(f"noise: must be >= 0, got {noise!r}")
+    base = weight.detach().to("cpu", torch.float64)
+    std = base.std().item() if base.numel() > 1 else 0.0
+    if not math.isfinite(std) or std == 0.0:
+        std = 1.0 / math.sqrt(max(1, base[0].numel()))
+    perturbation = torch.randn((k, *base.shape), generator=generator, dtype=torch.float64)
+    perturbation -= perturbation.mean(dim=0, keepdim=True)
+    kernels = base.unsqueeze(0) + noise * std * perturbation
+    return kernels.to(weight.device, weight.dtype)
+
+
+class DynamicConvNd(nn.Module):
+    """Base class of :class:`DynamicConv1d`, :class:`DynamicConv2d`, :class:`DynamicConv3d`.
+
+    Parameters: ``weight`` ``(K, out, in/groups, *kernel)``, ``bias`` ``(K, out)`` or None,
+    and the router ``attention`` (``KernelAttention``), whose ``temperature`` buffer is part of
+    the state dict.
+
+    ``strategy`` picks how the per-sample kernels are applied (see ``strategies.py``):
+    ``'auto'`` (default) chooses by shape and mode; any name in ``STRATEGIES`` forces one.
+    """
+
+    dims: ClassVar[int]
+    conv_type: ClassVar[type[nn.Module]]
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: str | int | tuple[int, ...] = 0,
+        dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        k: int = 4,
+        ratio: float = 0.25,
+        temperature: float = 1.0,
+        strategy: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        n = self.dims
+        self.k = _check_k(k)
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups: expected a positive int, got {groups!r}")
+        if in_channels % groups:
+            raise ValueError(f"in_channels: {in_channels} is not divisible by groups={groups}")
+        if out_channels % groups:
+            raise ValueError(f"out_channels: {out_channels} is not divisible by groups={groups}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = ntuple(kernel_size, n, "kernel_size")
+        self.stride = ntuple(stride, n, "stride")
+        self.dilation = ntuple(dilation, n, "dilation")
+        for name, value in (("kernel_size", self.kernel_size), ("stride", self.stride),
+                            ("dilation", self.dilation)):  # fmt: skip
+            if any(v < 1 for v in value):
+                raise ValueError(f"{name}: must be positive, got {value}")
+        self.padding = padding if isinstance(padding, str) else ntuple(padding, n, "padding")
+        self.padding_mode = padding_mode
+        self._resolved: ResolvedPadding = resolve_padding(
+            padding, padding_mode, self.kernel_size, self.stride, self.dilation
+        )
+        self.strategy = strategy  # validated by the setter
+
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(
+            torch.empty((k, out_channels, in_channels // groups, *self.kernel_size), **factory)
+        )
+        self.bias = nn.Parameter(torch.empty((k, out_channels), **factory)) if bias else None
+        self.attention = KernelAttention(in_channels, k, ratio, temperature, **factory)
+        self.reset_parameters()
+
+    # -- construction -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Each kernel gets ``nn.ConvNd``'s own init; the router starts uniform."""
+        fan_in = self.weight[0, 0].numel()
+        for kernel in self.weight:
+            nn.init.kaiming_uniform_(kernel, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.attention.reset_router()
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Module,
+        k: int = 4,
+        *,
+        ratio: float = 0.25,
+        temperature: float = 1.0,
+        noise: float = 0.01,
+        strategy: str = "auto",
+        generator: torch.Generator | None = None,
+    ) -> DynamicConvNd:
+        """A dynamic layer that computes exactly what ``conv`` computes, until it is trained.
+
+        The router's logit layer is zero, so attention is uniform, and the K kernels are
+        ``conv.weight`` plus a zero-sum perturbation (:func:`zero_sum_kernels`): the mixed
+        kernel is ``conv.weight`` while the router's gradient is non-zero. Device, dtype and
+        ``requires_grad`` follow ``conv``; the router trains iff ``conv.weight`` does.
+
+        Only exact ``nn.Conv1d/2d/3d`` (or subclasses that keep their ``forward``) are
+        accepted: a subclass that overrides ``forward`` computes something else.
+        """
+        _check_k(k)
+        target = cls._class_for(conv)
+        for method in ("forward", "_conv_forward"):
+            if getattr(type(conv), method) is not getattr(target.conv_type, method):
+                raise TypeError(
+                    f"conv: {type(conv).__name__} overrides {method}(); converting it would "
+                    "change what it computes"
+                )
+        weight = conv.weight
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            raise ValueError("conv: lazy conv is not initialised yet; run one forward first")
+        layer = target(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            k=k,
+            ratio=ratio,
+            temperature=temperature,
+            strategy=strategy,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(zero_sum_kernels(weight, k, noise, generator))
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias.detach().expand(k, -1))
+        layer.weight.requires_grad_(weight.requires_grad)
+        if conv.bias is not None:
+            layer.bias.requires_grad_(conv.bias.requires_grad)
+        layer.attention.requires_grad_(weight.requires_grad)
+        layer.train(conv.training)
+        return layer
+
+    @classmethod
+    def _class_for(cls, conv: nn.Module) -> type[DynamicConvNd]:
+        candidates = [cls] if cls is not DynamicConvNd else DynamicConvNd.__subclasses__()
+        for candidate in candidates:
+            if getattr(candidate, "conv_type", None) and isinstance(conv, candidate.conv_type):
+                return candidate
+        expected = " or ".join(c.conv_type.__name__ for c in candidates if hasattr(c, "conv_type"))
+        raise TypeError(f"conv: expected an nn.{expected}, got {type(conv).__name__}")
+
+    # -- state --------------------------------------------------------------------------
+
+    @property
+    def strategy(self) -> str:
+        return self._strategy
+
+    @strategy.setter
+    def strategy(self, name: str) -> None:
+        if name != "auto" and name not in STRATEGIES:
+            choices = ", ".join(["auto", *STRATEGIES])
+            raise ValueError(f"strategy: expected one of {choices}, got {name!r}")
+        self._strategy = name
+
+    @property
+    def temperature(self) -> float:
+        return float(self.attention.temperature)
+
+    def set_temperature(self, value: float) -> None:
+        self.attention.set_temperature(value)
+
+    @property
+    def conv_fn(self):
+        return _CONV_FNS[self.dims]
+
+    @property
+    def conv_padding(self) -> tuple[int, ...]:
+        return self._resolved.conv_padding
+
+    def mixed_weight(self, attn: torch.Tensor) -> torch.Tensor:
+        """The per-sample kernels ``(B, out, in/groups, *kernel)`` for attention ``(B, K)``."""
+        return mix_kernels(self.weight, attn)
+
+    # -- forward ------------------------------------------------------------------------
+
+    def _check_input(self, x: torch.Tensor) -> bool:
+        """Validate rank and channels; returns True for an unbatched input."""
+        n = self.dims
+        if x.dim() not in (n + 1, n + 2):
+            raise ValueError(
+                f"input: {type(self).__name__} expects a {n + 2}-D (batched) or {n + 1}-D "
+                f"(unbatched) tensor, got shape {tuple(x.shape)}"
+            )
+        unbatched = x.dim() == n + 1
+        channels = x.shape[0] if unbatched else x.shape[1]
+        if channels != self.in_channels:
+            raise ValueError(
+                f"input: expected {self.in_channels} channels, got {channels} "
+                f"(shape {tuple(x.shape)})"
+            )
+        return unbatched
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = self._check_input(x)
+        if unbatched:
+            x = x.unsqueeze(0)
+        attn = self.attention(x)
+        if self._resolved.pad is not None:
+            x = F.pad(x, self._resolved.pad, mode=self._resolved.pad_mode)
+        out = STRATEGIES[select_strategy(self, x)](self, x, attn)
+        return out.squeeze(0) if unbatched else out
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, k={self.k}"
+        )
+        if self.padding != (0,) * self.dims:
+            s += f", padding={self.padding!r}"
+        if self.dilation != (1,) * self.dims:
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        if self.strategy != "auto":
+            s += f", strategy={self.strategy!r}"
+        return s
+
+
+class DynamicConv1d(DynamicConvNd):
+    """Dynamic version of ``nn.Conv1d``; see :class:`DynamicConvNd`."""
+
+    dims = 1
+    conv_type = nn.Conv1d
+
+
+class DynamicConv2d(DynamicConvNd):
+    """Dynamic version of ``nn.Conv2d``; see :class:`DynamicConvNd`."""
+
+    dims = 2
+    conv_type = nn.Conv2d
+
+
+class DynamicConv3d(DynamicConvNd):
+    """Dynamic version of ``nn.Conv3d``; see :class:`DynamicConvNd`."""
+
+    dims = 3
+    conv_type = nn.Conv3d

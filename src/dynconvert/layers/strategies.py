@@ -1,0 +1,122 @@
+"""Ways to compute ``y_b = conv(x_b, Σ_k a_bk·W_k) + Σ_k a_bk·b_k`` for a batch.
+
+They are numerically the same function; they differ in speed, memory and in what a graph
+exporter can express. Each strategy takes the layer, the already padded input and the
+attention ``(B, K)``. :func:`select_strategy` is the seam where the layer picks one; a user
+can force a name with ``strategy=``.
+
+* ``grouped``: batch-folded grouped conv, the per-sample training path. The B mixed kernels
+  become one conv with ``groups = B·groups``.
+* ``loop``: one dense conv per sample with its own mixed kernel.
+* ``dense``: batch size 1 only; mix once and run one plain conv.
+* ``static``: export path. Convolution is linear in the kernel, so
+  ``conv(x, Σ a_k W_k) = Σ a_k conv(x, W_k)``: one conv with the K kernels stacked on the
+  output axis, then a weighted sum. No shape depends on the batch size, so ONNX and
+  ``torch.export`` keep a dynamic batch dimension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .dynamic_conv import DynamicConvNd
+
+Strategy = Callable[["DynamicConvNd", torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def mix_kernels(weight: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """``(K, O, I, *k)`` kernels and ``(B, K)`` attention → ``(B, O, I, *k)`` mixed kernels."""
+    return (attn @ weight.flatten(1)).view(attn.shape[0], *weight.shape[1:])
+
+
+def mix_bias(bias: torch.Tensor | None, attn: torch.Tensor) -> torch.Tensor | None:
+    return None if bias is None else attn @ bias
+
+
+def _grouped(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    batch = x.shape[0]
+    weight = mix_kernels(layer.weight, attn).flatten(0, 1)
+    bias = mix_bias(layer.bias, attn)
+    out = layer.conv_fn(
+        x.reshape(1, batch * x.shape[1], *x.shape[2:]),
+        weight,
+        None if bias is None else bias.flatten(),
+        layer.stride,
+        layer.conv_padding,
+        layer.dilation,
+        layer.groups * batch,
+    )
+    return out.view(batch, layer.out_channels, *out.shape[2:])
+
+
+def _loop(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    weight = mix_kernels(layer.weight, attn)
+    bias = mix_bias(layer.bias, attn)
+    outs = [
+        layer.conv_fn(
+            x[i : i + 1],
+            weight[i],
+            None if bias is None else bias[i],
+            layer.stride,
+            layer.conv_padding,
+            layer.dilation,
+            layer.groups,
+        )
+        for i in range(x.shape[0])
+    ]
+    return torch.cat(outs)
+
+
+def _dense(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] != 1:
+        raise ValueError(f"strategy: 'dense' needs batch size 1, got {x.shape[0]}")
+    return _loop(layer, x, attn)
+
+
+def _static(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    k, out_channels, groups = layer.k, layer.out_channels, layer.groups
+    per_group = out_channels // groups
+    # Stack the K kernels inside each group, (g, K, O/g) on the output axis, so that the
+    # conv's own `groups` (not the batch) keeps input and output channels paired.
+    stacked = (
+        layer.weight.view(k, groups, per_group, *layer.weight.shape[2:])
+        .transpose(0, 1)
+        .reshape(groups * k * per_group, *layer.weight.shape[2:])
+    )
+    y = layer.conv_fn(x, stacked, None, layer.stride, layer.conv_padding, layer.dilation, groups)
+    y = y.unflatten(1, (groups, k, per_group))
+    spatial_ones = (1,) * (y.dim() - 4)
+    y = (y * attn.view(-1, 1, k, 1, *spatial_ones)).sum(dim=2).flatten(1, 2)
+    bias = mix_bias(layer.bias, attn)
+    if bias is not None:
+        y = y + bias.view(*bias.shape, *spatial_ones)
+    return y
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "grouped": _grouped,
+    "loop": _loop,
+    "dense": _dense,
+    "static": _static,
+}
+
+
+def _graph_capture() -> bool:
+    """True while torch.jit.trace or torch.export records the graph."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
+def select_strategy(layer: DynamicConvNd, x: torch.Tensor) -> str:
+    """The ``'auto'`` choice: the layer's forced strategy, else one picked by shape and mode."""
+    if layer.strategy != "auto":
+        return layer.strategy
+    # A branch on the batch size would bake the export batch into the graph.
+    if _graph_capture():
+        return "static"
+    if x.shape[0] == 1:
+        return "dense"
+    return "grouped"

@@ -1,0 +1,19 @@
+import os
+
+import pytest
+import torch
+
+# Tests never reach a model hub; timm models are built with pretrained=False.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|, in float64."""
+    out, ref = out.detach().double(), ref.detach().double()
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
