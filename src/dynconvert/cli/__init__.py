@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         else:
-            click.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+            click.echo(
+                f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                err=True,
+            )
         return 1
     return 0
 

@@ -15,7 +15,7 @@ from torch import nn
 
 
 def attention_width(in_channels: int, ratio: float, min_width: int = 4) -> int:
-    """Hidden width of the router: ``ratio`` of the input channels, but never below ``min_width``."""
+    """Router width: ``ratio`` of the input channels, never below ``min_width``."""
     return max(min_width, round(in_channels * ratio))
 
 

@@ -107,8 +107,11 @@ class DynamicConvNd(nn.Module):
         self.kernel_size = ntuple(kernel_size, n, "kernel_size")
         self.stride = ntuple(stride, n, "stride")
         self.dilation = ntuple(dilation, n, "dilation")
-        for name, value in (("kernel_size", self.kernel_size), ("stride", self.stride),
-                            ("dilation", self.dilation)):  # fmt: skip
+        for name, value in (
+            ("kernel_size", self.kernel_size),
+            ("stride", self.stride),
+            ("dilation", self.dilation),
+        ):
             if any(v < 1 for v in value):
                 raise ValueError(f"{name}: must be positive, got {value}")
         self.padding = padding if isinstance(padding, str) else ntuple(padding, n, "padding")

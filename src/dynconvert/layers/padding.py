@@ -58,7 +58,9 @@ def resolve_padding(
             left = tuple(t // 2 for t in total)
             right = tuple(t - t // 2 for t in total)
         else:
-            raise ValueError(f"padding: expected 'same', 'valid', an int or a tuple, got {padding!r}")
+            raise ValueError(
+                f"padding: expected 'same', 'valid', an int or a tuple, got {padding!r}"
+            )
     else:
         left = right = ntuple(padding, n, "padding")
         if any(p < 0 for p in left):
