@@ -74,10 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
-        return 1
+        # click turns Ctrl-C inside a command into Abort.
+        click.echo("error: interrupted", err=True)
+        return 130
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "dynconvert"
+        click.echo(f"error: {exc.format_message()} (see '{where} --help')", err=True)
+        return exc.exit_code
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"error: {exc.format_message()}", err=True)
         return exc.exit_code
     except DynconvertError as exc:
         if debug:

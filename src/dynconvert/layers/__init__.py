@@ -1,6 +1,7 @@
 """Dynamic convolution layers (Chen et al., CVPR 2020)."""
 
 from .attention import KernelAttention
+from .conv2d_same import DynamicConv2dSame
 from .dynamic_conv import (
     DynamicConv1d,
     DynamicConv2d,
@@ -14,6 +15,7 @@ __all__ = [
     "STRATEGIES",
     "DynamicConv1d",
     "DynamicConv2d",
+    "DynamicConv2dSame",
     "DynamicConv3d",
     "DynamicConvNd",
     "KernelAttention",

@@ -19,7 +19,7 @@ from torch import nn
 
 from .attention import KernelAttention
 from .padding import ResolvedPadding, ntuple, resolve_padding
-from .strategies import STRATEGIES, mix_kernels, select_strategy
+from .strategies import STRATEGIES, mix_kernels, run_strategy
 
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -270,7 +270,7 @@ class DynamicConvNd(nn.Module):
         attn = self.attention(x)
         if self._resolved.pad is not None:
             x = F.pad(x, self._resolved.pad, mode=self._resolved.pad_mode)
-        out = STRATEGIES[select_strategy(self, x)](self, x, attn)
+        out = run_strategy(self, x, attn)
         return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:

@@ -9,10 +9,17 @@ can force a name with ``strategy=``.
   become one conv with ``groups = B·groups``.
 * ``loop``: one dense conv per sample with its own mixed kernel.
 * ``dense``: batch size 1 only; mix once and run one plain conv.
+* ``unfold``: im2col + batched GEMM (no im2col for 1×1 convs); see ``unfold.py``.
 * ``static``: export path. Convolution is linear in the kernel, so
   ``conv(x, Σ a_k W_k) = Σ a_k conv(x, W_k)``: one conv with the K kernels stacked on the
   output axis, then a weighted sum. No shape depends on the batch size, so ONNX and
   ``torch.export`` keep a dynamic batch dimension.
+
+``'auto'`` measures the eligible strategies once per layer geometry and input shape and
+caches the fastest (``autotune.py``; switch off with ``DYNCONVERT_AUTOTUNE=0``). When
+autograd records, :func:`run_strategy` wraps the strategy in the memory-lean backward
+(``lean_backward.py``), which recomputes the mixed kernels instead of saving them. Large
+temporaries that autograd does not see live in reused buffers (``workspace.py``).
 """
 
 from __future__ import annotations
@@ -22,15 +29,30 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import autotune
+from .lean_backward import backward_kind, lean_forward
+from .unfold import unfold_conv
+from .workspace import recording, scratch
+
 if TYPE_CHECKING:
     from .dynamic_conv import DynamicConvNd
 
 Strategy = Callable[["DynamicConvNd", torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def mix_kernels(weight: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """``(K, O, I, *k)`` kernels and ``(B, K)`` attention → ``(B, O, I, *k)`` mixed kernels."""
-    return (attn @ weight.flatten(1)).view(attn.shape[0], *weight.shape[1:])
+def mix_kernels(weight: torch.Tensor, attn: torch.Tensor, *, reuse: bool = False) -> torch.Tensor:
+    """``(K, O, I, *k)`` kernels and ``(B, K)`` attention → ``(B, O, I, *k)`` mixed kernels.
+
+    ``reuse`` writes them into the shared scratch buffer (only where autograd does not
+    record, and only for use before the layer returns).
+    """
+    batch, flat = attn.shape[0], weight.flatten(1)
+    # Under autocast the product comes out in the low-precision dtype: no out= buffer then.
+    if reuse and attn.dtype == weight.dtype and not torch.is_autocast_enabled(weight.device.type):
+        out = scratch("kernels", (batch, flat.shape[1]), weight)
+        torch.mm(attn, flat, out=out)
+        return out.view(batch, *weight.shape[1:])
+    return (attn @ flat).view(batch, *weight.shape[1:])
 
 
 def mix_bias(bias: torch.Tensor | None, attn: torch.Tensor) -> torch.Tensor | None:
@@ -39,7 +61,8 @@ def mix_bias(bias: torch.Tensor | None, attn: torch.Tensor) -> torch.Tensor | No
 
 def _grouped(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     batch = x.shape[0]
-    weight = mix_kernels(layer.weight, attn).flatten(0, 1)
+    reuse = not recording(x, layer.weight, attn, layer.bias)
+    weight = mix_kernels(layer.weight, attn, reuse=reuse).flatten(0, 1)
     bias = mix_bias(layer.bias, attn)
     out = layer.conv_fn(
         x.reshape(1, batch * x.shape[1], *x.shape[2:]),
@@ -54,7 +77,8 @@ def _grouped(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> torch
 
 
 def _loop(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    weight = mix_kernels(layer.weight, attn)
+    reuse = not recording(x, layer.weight, attn, layer.bias)
+    weight = mix_kernels(layer.weight, attn, reuse=reuse)
     bias = mix_bias(layer.bias, attn)
     outs = [
         layer.conv_fn(
@@ -68,7 +92,7 @@ def _loop(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> torch.Te
         )
         for i in range(x.shape[0])
     ]
-    return torch.cat(outs)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _dense(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -102,6 +126,7 @@ STRATEGIES: dict[str, Strategy] = {
     "loop": _loop,
     "dense": _dense,
     "static": _static,
+    "unfold": unfold_conv,
 }
 
 
@@ -117,6 +142,18 @@ def select_strategy(layer: DynamicConvNd, x: torch.Tensor) -> str:
     # A branch on the batch size would bake the export batch into the graph.
     if _graph_capture():
         return "static"
-    if x.shape[0] == 1:
-        return "dense"
-    return "grouped"
+    return autotune.choose(layer, x, STRATEGIES)
+
+
+def run_strategy(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """The layer's conv output for the padded input ``x`` and attention ``(B, K)``.
+
+    While autograd records, every strategy but ``static`` (whose graph holds no mixed
+    kernels, and which export traces) runs under the memory-lean backward.
+    """
+    name = select_strategy(layer, x)
+    strategy = STRATEGIES[name]
+    lean = name != "static" and not _graph_capture() and not torch.compiler.is_compiling()
+    if lean and recording(x, layer.weight, attn, layer.bias):
+        return lean_forward(layer, x, attn, strategy, backward_kind(layer, name))
+    return strategy(layer, x, attn)

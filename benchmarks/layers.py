@@ -1,0 +1,246 @@
+"""Per-layer cost of dynamic convolution, K=4: ratios to a static conv, measured interleaved.
+
+Cells: the 1×1 and 3×3 convs of each ResNet-50 stage (56/28/14/7 maps), a depthwise 3×3 and
+a MobileNetV2 inverted-residual block; batch 1, 8, 32; eval forward and train
+forward+backward. Candidates, timed round-robin in one run (median of ``--rounds``):
+
+* ``static``: the ``nn.Conv2d`` (or block) itself;
+* ``reference``: a plain batch-folded grouped conv (``_reference.py``);
+* ``timm``: timm's ``CondConv2d`` driven by the same router;
+* ``dc:<name>``: every dynconvert strategy forced, and ``auto``, dynconvert's own choice.
+
+    python benchmarks/layers.py                       # full grid
+    python benchmarks/layers.py --quick               # a few cells, 3 rounds
+    python benchmarks/layers.py --cells s4_3x3 --batch 8 --mode eval --rounds 5
+
+Writes ``--out`` (Markdown) and the same path with ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _reference import BatchFoldedConv2d, TimmCondConv, swap_convs
+
+from dynconvert.benchmark import interleaved_times, medians
+from dynconvert.layers import STRATEGIES, DynamicConv2d, autotune, select_strategy
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> nn.Module:
+    return nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
+
+
+def _inverted_residual(channels: int = 32, expand: int = 6) -> nn.Module:
+    hidden = channels * expand
+    return nn.Sequential(
+        nn.Conv2d(channels, hidden, 1, bias=False),
+        nn.BatchNorm2d(hidden),
+        nn.ReLU6(),
+        nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
+        nn.BatchNorm2d(hidden),
+        nn.ReLU6(),
+        nn.Conv2d(hidden, channels, 1, bias=False),
+        nn.BatchNorm2d(channels),
+    )
+
+
+# name -> (static module factory, input (C, H, W))
+CELLS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int]]] = {}
+for stage, (width, size) in enumerate([(64, 56), (128, 28), (256, 14), (512, 7)], start=1):
+    wide = 4 * width
+    CELLS[f"s{stage}_1x1_in"] = (lambda w=width, c=wide: _conv(c, w, 1), (wide, size, size))
+    CELLS[f"s{stage}_3x3"] = (lambda w=width: _conv(w, w, 3), (width, size, size))
+    CELLS[f"s{stage}_1x1_out"] = (lambda w=width, c=wide: _conv(w, c, 1), (width, size, size))
+CELLS["dw3x3"] = (lambda: _conv(192, 192, 3, groups=192), (192, 28, 28))
+CELLS["mbv2_block"] = (_inverted_residual, (32, 28, 28))
+
+QUICK = {"cells": ["s1_3x3", "s2_1x1_in", "s4_3x3", "dw3x3"], "batch": [8], "rounds": 3}
+
+
+def dynamicize(module: nn.Module, strategy: str, k: int) -> nn.Module:
+    """A copy of ``module`` with every Conv2d a DynamicConv2d (a random, non-uniform router)."""
+    module = copy.deepcopy(module)
+    gen = torch.Generator().manual_seed(0)
+    convs = [(n, m) for n, m in module.named_modules() if type(m) is nn.Conv2d]
+    for name, conv in convs:
+        layer = DynamicConv2d.from_conv(conv, k, strategy=strategy, generator=gen)
+        with torch.no_grad():
+            layer.attention.fc2.weight.normal_(0, 0.5, generator=gen)
+        parent, _, child = name.rpartition(".")
+        if not name:
+            return layer
+        setattr(module.get_submodule(parent) if parent else module, child, layer)
+    return module
+
+
+def _swapped(module: nn.Module, factory) -> nn.Module:
+    if isinstance(module, DynamicConv2d):
+        return factory(module)
+    return swap_convs(copy.deepcopy(module), factory)
+
+
+def candidates(static: nn.Module, batch: int, k: int) -> dict[str, nn.Module]:
+    dyn = dynamicize(static, "auto", k)
+    models = {
+        "static": static,
+        "reference": _swapped(dyn, BatchFoldedConv2d),
+        "timm": _swapped(dyn, TimmCondConv),
+    }
+    for name in STRATEGIES:
+        if name == "dense" and batch != 1:
+            continue
+        forced = copy.deepcopy(dyn)
+        for m in forced.modules():
+            if isinstance(m, DynamicConv2d):
+                m.strategy = name
+        models[f"dc:{name}"] = forced
+    models["dc:auto"] = dyn
+    return models
+
+
+def _step(model: nn.Module, x: torch.Tensor, train: bool) -> Callable[[], object]:
+    if not train:
+
+        def run() -> object:
+            with torch.no_grad():
+                return model(x)
+
+        return run
+    xg = x.clone().requires_grad_()
+    grad = torch.randn_like(model(x))
+
+    def run() -> object:
+        out = model(xg)
+        out.backward(grad)
+        model.zero_grad(set_to_none=True)
+        xg.grad = None
+        return None
+
+    return run
+
+
+def auto_choice(model: nn.Module, x: torch.Tensor) -> str:
+    """The strategies the auto layers picked, in module order (after warm-up)."""
+    picks = []
+    hook_handles = []
+    for m in model.modules():
+        if isinstance(m, DynamicConv2d):
+
+            def hook(mod, args, picks=picks):
+                picks.append(select_strategy(mod, args[0]))
+
+            hook_handles.append(m.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(x)
+    for h in hook_handles:
+        h.remove()
+    return "+".join(picks)
+
+
+def run_cell(name: str, batch: int, mode: str, rounds: int, k: int, stat: str = "median") -> dict:
+    factory, shape = CELLS[name]
+    torch.manual_seed(0)
+    static = factory().train(mode == "train")
+    models = candidates(static, batch, k)
+    for m in models.values():
+        m.train(mode == "train")
+    x = torch.randn(batch, *shape)
+    steps = {label: _step(m, x, mode == "train") for label, m in models.items()}
+    samples = interleaved_times(steps, rounds=rounds, warmup=1)
+    times = medians(samples) if stat == "median" else {n: min(v) for n, v in samples.items()}
+    base = times["static"]
+    forced = {n: t for n, t in times.items() if n.startswith("dc:") and n != "dc:auto"}
+    best = min(forced, key=forced.__getitem__)
+    models["dc:auto"].eval()
+    return {
+        "cell": name,
+        "batch": batch,
+        "mode": mode,
+        "stat": stat,
+        "samples_ms": {n: [t * 1e3 for t in v] for n, v in samples.items()},
+        "static_ms": base * 1e3,
+        "ratios": {n: t / base for n, t in times.items()},
+        "best_forced": best,
+        "auto_vs_best": times["dc:auto"] / times[best],
+        "auto_choice": auto_choice(models["dc:auto"], x),
+    }
+
+
+def markdown(results: list[dict]) -> str:
+    names = {n for r in results for n in r["ratios"] if n != "static"}
+    labels = sorted(names, key=lambda n: (not n.startswith(("ref", "timm")), n != "dc:auto", n))
+    head = ["cell", "B", "mode", "static ms", *labels, "auto / best", "auto picks"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [r["cell"], str(r["batch"]), r["mode"], f"{r['static_ms']:.2f}"]
+        cells += [f"{r['ratios'][n]:.2f}" if n in r["ratios"] else "–" for n in labels]
+        cells += [f"{r['auto_vs_best']:.2f}", r["auto_choice"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", nargs="*", choices=list(CELLS), default=list(CELLS))
+    parser.add_argument("--batch", nargs="*", type=int, default=[1, 8, 32])
+    parser.add_argument("--mode", nargs="*", choices=["eval", "train"], default=["eval", "train"])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument(
+        "--stat", choices=["median", "min"], default="median",
+        help="summary of the rounds; min resists load from other processes better",
+    )  # fmt: skip
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="a few cells at batch 8, 3 rounds")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/layers.md"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.cells, args.batch, args.rounds = QUICK["cells"], QUICK["batch"], QUICK["rounds"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = []
+    started = time.time()
+    for mode in args.mode:
+        for batch in args.batch:
+            for cell in args.cells:
+                r = run_cell(cell, batch, mode, args.rounds, args.k, args.stat)
+                results.append(r)
+                ratios = " ".join(f"{n}={v:.2f}" for n, v in r["ratios"].items())
+                print(f"{cell:12s} B={batch:<3d} {mode:5s} auto/best={r['auto_vs_best']:.2f} "
+                      f"({r['auto_choice']}) {ratios}", flush=True)  # fmt: skip
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_avg_at_end": os.getloadavg(),
+        "rounds": args.rounds,
+        "stat": args.stat,
+        "seconds": round(time.time() - started, 1),
+        "autotune": autotune.autotune_enabled(),
+    }
+    table = markdown(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(f"{table}\n\n{json.dumps(meta)}\n")
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "results": results}, indent=1)
+    )
+    print(table)
+    print(meta)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

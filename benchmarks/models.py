@@ -1,0 +1,198 @@
+"""Whole-model cost of dynamic convolution: static vs batch-folded vs dynconvert, one run.
+
+For timm resnet50, mobilenetv2_100 and efficientnet_b0 (random weights), every conv but the
+stem dynamic, K=4:
+
+* conversion time of ``dynconvert.convert``;
+* eval latency at batch 1 and 8, candidates interleaved round-robin, median of rounds;
+* one training step (forward + backward + SGD) at batch 32, interleaved likewise;
+* the peak memory of that step, each variant in a fresh subprocess (see
+  ``dynconvert.benchmark.peak_memory_of``: peak resident set above the memory in use before
+  the step, after a warm-up step and ``malloc_trim``).
+
+    python benchmarks/models.py                          # everything (long on 2 cores)
+    python benchmarks/models.py --quick                  # resnet50, 3 rounds, batch 1/8/32
+    python benchmarks/models.py --models resnet50 --no-train --rounds 5
+
+Writes ``--out`` (Markdown) and the same path with ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _reference import BatchFoldedConv2d, swap_convs
+
+from dynconvert.benchmark import (
+    eval_call,
+    input_for,
+    interleaved_times,
+    load_pair,
+    medians,
+    peak_memory_of,
+    train_step,
+)
+
+MODELS = ["resnet50", "mobilenetv2_100", "efficientnet_b0"]
+VARIANTS = ["static", "batch-folded", "dynconvert"]
+
+
+def build_variants(name: str, k: int) -> tuple[dict[str, torch.nn.Module], float]:
+    static, dynamic, seconds = load_pair(name, k)
+    folded = swap_convs(copy.deepcopy(dynamic), BatchFoldedConv2d)
+    return {"static": static, "batch-folded": folded, "dynconvert": dynamic}, seconds
+
+
+def memory_child(name: str, variant: str, batch: int, k: int) -> None:
+    models, _ = build_variants(name, k)
+    model = models.pop(variant)
+    del models
+    x = input_for(model, batch)
+    step = train_step(model, x)
+    step()  # warm-up: autotune and lazily created state
+    print(json.dumps({"peak_bytes": peak_memory_of(step, x.device)}))
+
+
+def measure_model(name: str, args: argparse.Namespace) -> dict:
+    models, convert_s = build_variants(name, args.k)
+    result: dict = {"model": name, "convert_s": convert_s, "eval": {}, "train": None}
+    for batch in args.eval_batch:
+        x = input_for(models["static"], batch)
+        calls = {v: eval_call(m, x) for v, m in models.items()}
+        for call in calls.values():  # autotune happens here, outside the timed rounds
+            call()
+        samples = interleaved_times(calls, rounds=args.rounds, warmup=0)
+        times = summary(samples, args.stat)
+        result["eval"][batch] = {
+            "ms": {v: t * 1e3 for v, t in times.items()},
+            "samples_ms": {v: [t * 1e3 for t in ts] for v, ts in samples.items()},
+        }
+        print(name, "eval", batch, {v: round(t / times["static"], 2) for v, t in times.items()},
+              f"static {times['static'] * 1e3:.0f} ms", flush=True)  # fmt: skip
+    if args.train:
+        x = input_for(models["static"], args.train_batch)
+        steps = {v: train_step(m, x) for v, m in models.items()}
+        samples = interleaved_times(steps, rounds=args.train_rounds, warmup=1)
+        times = summary(samples, args.stat)
+        print(name, "train", {v: round(t / times["static"], 2) for v, t in times.items()},
+              f"static {times['static'] * 1e3:.0f} ms", flush=True)  # fmt: skip
+        memory = {}
+        if args.memory:
+            for v in models:
+                child = [str(Path(__file__)), "--memory-child", name, v, str(args.train_batch)]
+                memory[v] = run_isolated_script([*child, "--k", str(args.k)])["peak_bytes"]
+        result["train"] = {
+            "batch": args.train_batch,
+            "ms": {v: t * 1e3 for v, t in times.items()},
+            "samples_ms": {v: [t * 1e3 for t in ts] for v, ts in samples.items()},
+            "peak_bytes": memory,
+        }
+        print(name, "peak MiB", {v: round(b / 2**20) for v, b in memory.items()}, flush=True)
+    return result
+
+
+def summary(samples: dict[str, list[float]], stat: str) -> dict[str, float]:
+    return medians(samples) if stat == "median" else {n: min(v) for n, v in samples.items()}
+
+
+def run_isolated_script(args: list[str]) -> dict:
+    import subprocess
+
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [
+        "| model | measure | static | batch-folded | dynconvert | dynconvert vs batch-folded |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        rows = [(f"eval B={b}", e["ms"]) for b, e in r["eval"].items()]
+        if r["train"]:
+            rows.append((f"train step B={r['train']['batch']}", r["train"]["ms"]))
+        for label, ms in rows:
+            base = ms["static"]
+            lines.append(
+                f"| {r['model']} | {label} | 1.00 ({base:.0f} ms) | "
+                f"{ms['batch-folded'] / base:.2f} | {ms['dynconvert'] / base:.2f} | "
+                f"{ms['batch-folded'] / ms['dynconvert']:.2f}× faster |"
+            )
+        mem = (r["train"] or {}).get("peak_bytes")
+        if mem:
+            base = mem["static"]
+            lines.append(
+                f"| {r['model']} | peak memory of the step | 1.00 ({base / 2**20:.0f} MiB) | "
+                f"{mem['batch-folded'] / base:.2f} | {mem['dynconvert'] / base:.2f} | |"
+            )
+        if r["convert_s"] is not None:
+            lines.append(f"| {r['model']} | conversion time | | | {r['convert_s']:.2f} s | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=MODELS)
+    parser.add_argument("--eval-batch", nargs="*", type=int, default=[1, 8])
+    parser.add_argument("--train-batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--train-rounds", type=int, default=3)
+    parser.add_argument("--no-train", dest="train", action="store_false")
+    parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument(
+        "--stat", choices=["median", "min"], default="median",
+        help="summary of the rounds; min resists load from other processes better",
+    )  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="resnet50 only, 3 rounds, 2 train")
+    parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "VARIANT", "BATCH"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/models.md"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.memory_child:
+        name, variant, batch = args.memory_child
+        memory_child(name, variant, int(batch), args.k)
+        return 0
+    if args.quick:
+        args.models, args.rounds, args.train_rounds = ["resnet50"], 3, 2
+    started = time.time()
+    load_before = os.getloadavg()
+    results = [measure_model(name, args) for name in args.models]
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
+        "rounds": args.rounds,
+        "train_rounds": args.train_rounds,
+        "stat": args.stat,
+        "seconds": round(time.time() - started, 1),
+        "glibc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+    }
+    table = markdown(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(f"{table}\n\n{json.dumps(meta)}\n")
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "results": results}, indent=1)
+    )
+    print(table)
+    print(meta)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Measure dynamic against static models: interleaved timing and the peak memory of a step.
+
+Used by ``dynconvert bench`` and by the scripts in ``benchmarks/``. Timings are taken
+round-robin over the candidates (one call of each per round) and summarised by the median,
+so that load from other processes spreads over all candidates alike; ratios to a baseline
+measured in the same rounds are what is worth comparing across machines.
+
+Peak memory on CPU: PyTorch keeps no allocator statistics there and its allocations are not
+seen by ``tracemalloc``, so the operating system's peak resident set is used. Each
+configuration runs in a fresh subprocess: build, one warm-up step, free and ``malloc_trim``,
+reset the peak (``/proc/self/clear_refs``), then one measured step; the figure is
+``VmHWM − VmRSS`` before the step (activations, gradients, temporaries). Linux only; on CUDA
+``torch.cuda.max_memory_allocated`` is used instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+
+def interleaved_times(
+    candidates: Mapping[str, Callable[[], object]],
+    rounds: int = 5,
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, one call each per round, round-robin."""
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def medians(times: Mapping[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _trim() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def peak_memory_of(step: Callable[[], object], device: torch.device) -> int:
+    """Bytes by which one call of ``step`` raises the peak above the memory in use before it.
+
+    Call it after a warm-up step, in a process that does nothing else.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    _trim()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    before = _status_kb("VmRSS")
+    step()
+    return (_status_kb("VmHWM") - before) * 1024
+
+
+def run_isolated(module: str, args: list[str], timeout: float = 900) -> dict:
+    """Run ``python -m module *args`` and parse the JSON it prints last."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- models --------------------------------------------------------------------------------
+
+
+def is_saved_file(spec: str) -> bool:
+    return Path(spec).suffix in {".pt", ".pth"} or Path(spec).is_file()
+
+
+def static_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every dynamic conv replaced by a plain conv of the same geometry.
+
+    Its kernel is the mean of the K kernels (the function a uniform router computes), so the
+    twin is the static model the dynamic one was converted from, at the same cost.
+    """
+    import copy
+
+    from .layers import DynamicConvNd
+
+    twin = copy.deepcopy(model)
+    for name, layer in list(twin.named_modules()):
+        if not isinstance(layer, DynamicConvNd):
+            continue
+        if type(layer).__name__ == "DynamicConv2dSame":
+            from timm.layers import Conv2dSame
+
+            conv_cls = Conv2dSame
+        else:
+            conv_cls = layer.conv_type
+        conv = conv_cls(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            0 if conv_cls is not layer.conv_type else layer.padding,
+            layer.dilation,
+            layer.groups,
+            bias=layer.bias is not None,
+            **({"padding_mode": layer.padding_mode} if conv_cls is layer.conv_type else {}),
+            device=layer.weight.device,
+            dtype=layer.weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(layer.weight.mean(0))
+            if layer.bias is not None:
+                conv.bias.copy_(layer.bias.mean(0))
+        conv.train(layer.training)
+        parent, _, child = name.rpartition(".")
+        if not name:
+            return conv
+        setattr(twin.get_submodule(parent) if parent else twin, child, conv)
+    return twin
+
+
+def load_pair(spec: str, k: int = 4, strategy: str = "auto"):
+    """(static model, dynamic model, conversion seconds or None) for a timm name or a file."""
+    import copy
+
+    if is_saved_file(spec):
+        import dynconvert
+
+        dynamic = dynconvert.load(spec)
+        if strategy != "auto":
+            set_strategy(dynamic, strategy)
+        return static_twin(dynamic), dynamic, None
+    from . import convert
+    from .models import build_timm_model
+
+    static = build_timm_model(spec, pretrained=False)
+    dynamic = copy.deepcopy(static)
+    start = time.perf_counter()
+    convert(dynamic, k, strategy=strategy)
+    return static, dynamic, time.perf_counter() - start
+
+
+def set_strategy(model: torch.nn.Module, strategy: str) -> None:
+    from .layers import DynamicConvNd
+
+    for m in model.modules():
+        if isinstance(m, DynamicConvNd):
+            m.strategy = strategy
+
+
+def eval_call(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    model.eval()
+
+    def run() -> object:
+        with torch.no_grad():
+            return model(x)
+
+    return run
+
+
+def train_step(model: torch.nn.Module, x: torch.Tensor, lr: float = 1e-3) -> Callable[[], object]:
+    """One forward + backward + SGD step (no momentum: no optimizer state to allocate)."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr)
+    gen = torch.Generator().manual_seed(0)
+
+    def run() -> object:
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if out.dim() == 2:
+            target = torch.randint(out.shape[1], (out.shape[0],), generator=gen).to(out.device)
+            loss = torch.nn.functional.cross_entropy(out, target)
+        else:
+            loss = out.float().square().mean()
+        loss.backward()
+        opt.step()
+        return None
+
+    return run
+
+
+def input_for(model: torch.nn.Module, batch: int, input_size=None) -> torch.Tensor:
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        input_size = cfg.get("input_size", (3, 224, 224))
+    param = next(model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch, *input_size, generator=gen).to(param.device, param.dtype)
+
+
+def _memory_child(argv: list[str]) -> None:
+    """``python -m dynconvert.benchmark SPEC VARIANT BATCH K [C H W]``: print the step's peak."""
+    spec, variant, batch, k, *size = argv
+    static, dynamic, _ = load_pair(spec, int(k))
+    model = static if variant == "static" else dynamic
+    del static, dynamic
+    x = input_for(model, int(batch), tuple(int(s) for s in size) or None)
+    step = train_step(model, x)
+    step()  # warm-up: autotune, lazily built state
+    peak = peak_memory_of(step, x.device)
+    print(json.dumps({"spec": spec, "variant": variant, "batch": int(batch), "peak_bytes": peak}))
+
+
+def step_peak_memory(spec: str, variant: str, batch: int, k: int, input_size=None) -> int:
+    """Peak memory of one training step of ``variant`` ('static' or 'dynconvert'), isolated."""
+    args = [spec, variant, str(batch), str(k), *(str(s) for s in (input_size or ()))]
+    return run_isolated("dynconvert.benchmark", args)["peak_bytes"]
+
+
+if __name__ == "__main__":
+    _memory_child(sys.argv[1:])

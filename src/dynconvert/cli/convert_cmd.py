@@ -1,0 +1,307 @@
+"""``dynconvert MODEL --k 4 --out model.pt``: convert a timm model and save it.
+
+MODEL is a timm name (``resnet50``, ``resnet50.a1_in1k``) or a file saved by dynconvert. A
+timm model is built (pretrained by default: converting trained weights is the point; offline
+that fails with a hint to use ``--no-pretrained`` or ``--checkpoint FILE``, never a silent
+fall-back to random weights), converted with the options and saved to ``--out``. A saved
+file is already converted: it is loaded, its stored report is shown and it is saved again to
+``--out``; conversion options are refused for it (they would not apply).
+
+``--dry-run`` converts in memory and shows the report without writing the model (``--json``
+still writes the report, since it was asked for). Without ``--dry-run``, ``--out`` is required.
+
+The command is three steps (:func:`prepare_model`, an optional ``after_convert`` step, then
+:func:`write_outputs`) so that a later option can add a step, e.g. fine-tuning with
+``--data DIR --epochs N``: add the click options to :data:`convert_command` and pass
+``after_convert=`` to :func:`run_convert`.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+from torch import nn
+
+from ..convert.config import DEPTHWISE_POLICIES
+from ..errors import DynconvertError
+from ..layers import STRATEGIES
+from .finetune_cmd import finetune_step, pipeline_options, pop_pipeline_flags
+
+# File names that are certainly files, even if missing (timm names never end like this).
+_FILE_SUFFIXES = {".pt", ".pth", ".pkl", ".bin", ".ckpt", ".safetensors", ".tar"}
+# Options that steer a conversion; they make no sense for a file that is already converted.
+CONVERSION_OPTIONS = (
+    "k", "ratio", "temperature", "include", "exclude", "skip_stem", "min_channels",
+    "depthwise", "strategy", "input_size", "seed",
+)  # fmt: skip
+
+AfterConvert = Callable[[nn.Module, Any], nn.Module]
+
+
+class InputSize(click.ParamType):
+    """``224``, ``224,160`` (H,W) or ``3,224,224`` (C,H,W); ``x`` also separates."""
+
+    name = "input_size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None):
+        if isinstance(value, tuple):
+            return value
+        parts = [p for p in re.split(r"[,x×\s]+", str(value).strip()) if p]
+        try:
+            sizes = tuple(int(p) for p in parts)
+        except ValueError:
+            sizes = ()
+        if not 1 <= len(sizes) <= 3 or any(s < 1 for s in sizes):
+            self.fail(f"expected H, H,W or C,H,W with positive ints, got {value!r}", param, ctx)
+        return sizes
+
+
+def conversion_options(command: Callable) -> Callable:
+    """The options of :func:`dynconvert.convert`, shared by ``convert`` and ``inspect``."""
+    positive = click.FloatRange(min=0, min_open=True)
+    options = [
+        click.option("--k", type=click.IntRange(min=1), default=4, show_default=True,
+                     help="Kernels per dynamic conv (K)."),
+        click.option("--ratio", type=positive, default=0.25, show_default=True,
+                     help="Router width as a fraction of the input channels."),
+        click.option("--temperature", type=positive, default=1.0, show_default=True,
+                     help="Softmax temperature of the router."),
+        click.option("--include", multiple=True, metavar="GLOB",
+                     help="Convert only convs whose qualified name matches (repeatable)."),
+        click.option("--exclude", multiple=True, metavar="GLOB",
+                     help="Keep convs whose qualified name matches static (repeatable)."),
+        click.option("--skip-stem/--no-skip-stem", default=True, show_default=True,
+                     help="Keep the conv that reads the input static, as the paper does."),
+        click.option("--min-channels", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Convs with fewer input or output channels stay static."),
+        click.option("--depthwise", type=click.Choice(DEPTHWISE_POLICIES), default="convert",
+                     show_default=True, help="What to do with depthwise convs."),
+        click.option("--strategy", type=click.Choice(["auto", *STRATEGIES]), default="auto",
+                     show_default=True, help="Forward strategy of the dynamic layers."),
+        click.option("--input-size", type=InputSize(), default=None, metavar="[C,]H[,W]",
+                     help="Input size for shapes and MACs (default: the model's)."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the kernel perturbation."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@dataclass
+class ModelRequest:
+    """What MODEL names and how to build and convert it."""
+
+    model: str
+    pretrained: bool = False
+    checkpoint: Path | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    explicit: set[str] = field(default_factory=set)  # options given on the command line
+
+
+@dataclass
+class Prepared:
+    model: nn.Module
+    report: Any  # ConversionReport
+    from_file: bool
+
+
+def is_saved_file(model: str) -> bool:
+    """MODEL is a file when it exists, or looks like a path (a timm name never does)."""
+    path = Path(model)
+    if path.exists():
+        return True
+    if ":" in model:  # hf-hub:org/name, a timm name
+        return False
+    return "/" in model or "\\" in model or path.suffix.lower() in _FILE_SUFFIXES
+
+
+def explicit_options(ctx: click.Context, names: tuple[str, ...] | list[str]) -> set[str]:
+    """Which of ``names`` were given on the command line (not defaults)."""
+    return {name for name in names if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def convert_kwargs(request: ModelRequest) -> dict[str, Any]:
+    """Keyword arguments of :func:`dynconvert.convert` from the CLI options."""
+    options = dict(request.options)
+    options["include"] = list(options.get("include") or ()) or None
+    options["exclude"] = list(options.get("exclude") or ()) or None
+    return options
+
+
+def _resolve_input_size(size: tuple[int, ...] | None, model: nn.Module) -> tuple[int, ...] | None:
+    if size is None or len(size) == 3:
+        return size
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    channels = (cfg.get("input_size") or (3,))[0]
+    return (channels, size[0], size[0]) if len(size) == 1 else (channels, *size)
+
+
+def prepare_model(request: ModelRequest) -> Prepared:
+    """Build and convert the timm model, or load the saved file, with its report."""
+    import dynconvert
+    from dynconvert.report import ConversionReport
+
+    if is_saved_file(request.model):
+        path = Path(request.model)
+        if not path.exists():
+            raise DynconvertError(f"{path} does not exist", usage=True)
+        given = sorted(request.explicit & {*CONVERSION_OPTIONS, "pretrained", "checkpoint"})
+        if given:
+            flags = ", ".join(_flag(n) for n in given)
+            raise DynconvertError(
+                f"{path} is a saved dynconvert model, already converted; {flags} apply to "
+                "timm model names only",
+                usage=True,
+            )
+        model = dynconvert.load(path)
+        return Prepared(model, ConversionReport.from_dict(_stored_report(model)), from_file=True)
+
+    from dynconvert.models import build_timm_model
+
+    model = build_timm_model(
+        request.model, pretrained=request.pretrained, checkpoint=request.checkpoint
+    )
+    kwargs = convert_kwargs(request)
+    kwargs["input_size"] = _resolve_input_size(kwargs.get("input_size"), model)
+    model, report = convert_strictly(model, kwargs)
+    return Prepared(model, report, from_file=False)
+
+
+def _stored_report(model: nn.Module) -> dict[str, Any]:
+    from dynconvert.io import CONVERSION_ATTR
+
+    return getattr(model, CONVERSION_ATTR)["report"]
+
+
+def convert_strictly(model: nn.Module, kwargs: dict[str, Any]):
+    """``dynconvert.convert``, where an exclude pattern that matches nothing is an error."""
+    import dynconvert
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "error", message=r"exclude pattern .* matches no", category=UserWarning
+        )
+        try:
+            return dynconvert.convert(model, **kwargs)
+        except UserWarning as exc:
+            raise DynconvertError(f"{exc}; fix the pattern", usage=True) from None
+
+
+def show_report(report: Any, json_path: Path | None) -> None:
+    report.print()
+    if json_path is not None:
+        report.to_json(json_path)
+        click.echo(f"wrote the report to {json_path}")
+
+
+def write_outputs(prepared: Prepared, out: Path | None, json_path: Path | None) -> None:
+    """Print the report, write ``--json``, and save the model to ``--out`` (if given)."""
+    import dynconvert
+
+    show_report(prepared.report, json_path)
+    if out is None:
+        click.echo("dry run: the model was not written")
+        return
+    dynconvert.save(prepared.model, out, report=prepared.report)
+    size_mb = out.stat().st_size / 2**20
+    click.echo(f"saved {out} ({size_mb:.1f} MiB); load it with dynconvert.load({str(out)!r})")
+
+
+def run_convert(
+    request: ModelRequest,
+    *,
+    out: Path | None,
+    json_path: Path | None = None,
+    after_convert: AfterConvert | None = None,
+) -> Prepared:
+    """The command without click: check outputs, prepare, optional extra step, write."""
+    from dynconvert.io import check_output_path
+
+    for path in (out, json_path):
+        if path is not None:
+            check_output_path(path)  # fail before the (slow) conversion
+    prepared = prepare_model(request)
+    if after_convert is not None:
+        prepared.model = after_convert(prepared.model, prepared.report)
+    write_outputs(prepared, out, json_path)
+    return prepared
+
+
+@click.command("convert")
+@click.argument("model", metavar="MODEL")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to save the converted model (one file).",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Convert in memory and show the report; do not write the model."
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the report as JSON to this file.",
+)
+@click.option(
+    "--pretrained/--no-pretrained",
+    default=True,
+    show_default=True,
+    help="Start from timm's pretrained weights (needs the hub or its cache).",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Start from the weights in this local timm/torch checkpoint instead.",
+)
+@conversion_options
+@pipeline_options  # --data DIR --epochs N ...: convert → fine-tune → save (finetune_cmd.py)
+@click.pass_context
+def convert_command(
+    ctx: click.Context,
+    model: str,
+    out: Path | None,
+    dry_run: bool,
+    json_path: Path | None,
+    pretrained: bool,
+    checkpoint: Path | None,
+    **options: Any,
+) -> None:
+    """Convert the convs of MODEL (a timm name or a saved file) to dynamic convs.
+
+    \b
+    dynconvert resnet50 --k 4 --out model.pt
+    dynconvert resnet50 --no-pretrained --exclude 'layer4.*' --dry-run
+    """
+    if out is None and not dry_run:
+        raise DynconvertError(
+            "no output: pass --out FILE to save the converted model, or --dry-run to only "
+            "see the report",
+            usage=True,
+        )
+    train_flags = pop_pipeline_flags(options)  # None unless --data/--recipe (finetune_cmd.py)
+    request = ModelRequest(
+        model=model,
+        pretrained=pretrained,
+        checkpoint=checkpoint,
+        options=options,
+        explicit=explicit_options(ctx, [*CONVERSION_OPTIONS, "pretrained", "checkpoint"]),
+    )
+    after = None if train_flags is None else finetune_step(train_flags, None if dry_run else out)
+    run_convert(request, out=None if dry_run else out, json_path=json_path, after_convert=after)

@@ -1,0 +1,142 @@
+"""``dynconvert export model.pt --format pt2|onnx|torchscript --out FILE``.
+
+MODEL_FILE is a file saved by dynconvert (``dynconvert MODEL --out model.pt`` or
+:func:`dynconvert.save`); it is rebuilt with :func:`dynconvert.load` and exported with
+:func:`dynconvert.export`: batch dimension dynamic, the file loaded back and checked at batch
+sizes 1, 3 and 8 unless ``--no-verify``. ``--format`` may be left out when ``--out`` ends in
+``.pt2``, ``.onnx`` or ``.ts``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import DynconvertError
+
+_FORMAT_NAMES = ("pt2", "onnx", "torchscript")
+
+
+class SampleShape(click.ParamType):
+    """One sample's shape without the batch: ``3,224,224`` (C,H,W), ``64,100`` (C,L)..."""
+
+    name = "sample_shape"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None):
+        if isinstance(value, tuple):
+            return value
+        parts = [p for p in re.split(r"[,x×\s]+", str(value).strip()) if p]
+        try:
+            sizes = tuple(int(p) for p in parts)
+        except ValueError:
+            sizes = ()
+        if not 2 <= len(sizes) <= 4 or any(s < 1 for s in sizes):
+            self.fail(
+                f"expected one sample's shape as positive ints, e.g. 3,224,224 (C,H,W); "
+                f"got {value!r}",
+                param,
+                ctx,
+            )
+        return sizes
+
+
+def _format_name(format_name: str | None, out: Path) -> str:
+    from ..export.formats import format_for_suffix
+
+    if format_name is not None:
+        return format_name.lower()
+    guessed = format_for_suffix(out)
+    if guessed is None:
+        raise DynconvertError(
+            f"--format is needed: {out.name} does not end in .pt2, .onnx or .ts "
+            f"(choose one of {', '.join(_FORMAT_NAMES)})",
+            usage=True,
+        )
+    return guessed
+
+
+@click.command("export")
+@click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--format",
+    "format_name",
+    type=click.Choice(_FORMAT_NAMES, case_sensitive=False),
+    default=None,
+    help="Output format (default: from the --out suffix, .pt2, .onnx or .ts).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="File to write.",
+)
+@click.option(
+    "--input-size",
+    type=SampleShape(),
+    default=None,
+    metavar="C,H,W",
+    help="One sample's shape (default: the timm model's data config).",
+)
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Load the file back and compare it with PyTorch at batch sizes 1, 3 and 8.",
+)
+@click.option(
+    "--fold-bn",
+    is_flag=True,
+    help="Fold each BatchNorm that directly follows a dynamic conv into its kernels.",
+)
+@click.option(
+    "--opset",
+    type=click.IntRange(min=18),
+    default=18,
+    show_default=True,
+    help="ONNX opset version.",
+)
+def export_command(
+    model_file: Path,
+    format_name: str | None,
+    out: Path,
+    input_size: tuple[int, ...] | None,
+    verify: bool,
+    fold_bn: bool,
+    opset: int,
+) -> None:
+    """Export the dynconvert file MODEL_FILE with a dynamic batch dimension, verified.
+
+    \b
+    dynconvert export model.pt --format onnx --out model.onnx
+    dynconvert export model.pt --out model.pt2 --input-size 3,160,160 --fold-bn
+    """
+    import dynconvert
+    from dynconvert.export.deps import check_available
+    from dynconvert.io import check_output_path
+
+    name = _format_name(format_name, out)
+    check_output_path(out)
+    check_available(name, verify)  # before the model is built: a missing package is one line
+    if not model_file.exists():
+        raise DynconvertError(f"{model_file} does not exist", usage=True)
+    model = dynconvert.load(model_file)
+    result = dynconvert.export(
+        model,
+        out,
+        name,
+        input_size=input_size,
+        verify=verify,
+        fold_bn=fold_bn,
+        opset=opset,
+    )
+    folded = f"; folded {len(result.folded)} BatchNorms" if fold_bn else ""
+    checked = (
+        f"verified at batch sizes {', '.join(str(r['batch']) for r in result.rows)} "
+        f"(max relative error {result.max_relative_error:.1e})"
+        if verify
+        else "not verified"
+    )
+    click.echo(f"wrote {out} ({name}, input {result.input_size}, dynamic batch{folded}; {checked})")

@@ -1,0 +1,91 @@
+"""``dynconvert inspect MODEL_OR_FILE``: show the conversion table; nothing is written.
+
+For a timm name the model is built with random weights (they do not change the table) and
+converted in memory with the given options. For a file saved by dynconvert the report stored
+in it is shown, with where the model came from; the file is read safely (weights only) and no
+model is built. ``--json FILE`` writes the same report as JSON.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import DynconvertError
+from .convert_cmd import (
+    CONVERSION_OPTIONS,
+    ModelRequest,
+    conversion_options,
+    explicit_options,
+    is_saved_file,
+    prepare_model,
+    show_report,
+)
+
+
+def _describe_file(data: dict[str, Any]) -> str:
+    source = data["source"]
+    if source.get("kind") == "timm":
+        kwargs = source.get("kwargs") or {}
+        origin = f"timm {source.get('name')}" + (f" {kwargs}" if kwargs else "")
+    else:
+        origin = f"custom model {source.get('class', '?')} (load it with model=)"
+    versions = data.get("versions") or {}
+    made_with = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
+    config = data["config"]
+    return (
+        f"{origin}; k={config.get('k')}, ratio={config.get('ratio')}, "
+        f"{len(data['converted'])} dynamic convs; saved with {made_with or 'unknown versions'}"
+    )
+
+
+def _file_report(path: Path):
+    import dynconvert
+    from dynconvert.io import CONVERSION_ATTR, read
+    from dynconvert.report import ConversionReport
+
+    data = read(path)
+    click.echo(f"{path}: {_describe_file(data)}")
+    stored = data.get("report")
+    if not isinstance(stored, dict):  # an older or foreign writer: rebuild to list the layers
+        stored = getattr(dynconvert.load(path), CONVERSION_ATTR)["report"]
+    try:
+        return ConversionReport.from_dict(stored)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DynconvertError(f"{path}: the stored report cannot be read ({exc})") from exc
+
+
+@click.command("inspect")
+@click.argument("model", metavar="MODEL_OR_FILE")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the report as JSON to this file.",
+)
+@conversion_options
+@click.pass_context
+def inspect_command(ctx: click.Context, model: str, json_path: Path | None, **options: Any) -> None:
+    """Show which convs of MODEL_OR_FILE are (or would be) converted, without writing a model.
+
+    \b
+    dynconvert inspect resnet50 --k 4 --exclude 'layer4.*'
+    dynconvert inspect model.pt
+    """
+    from dynconvert.io import check_output_path
+
+    if json_path is not None:
+        check_output_path(json_path)
+    explicit = explicit_options(ctx, CONVERSION_OPTIONS)
+    if is_saved_file(model) and not explicit:
+        path = Path(model)
+        if not path.exists():
+            raise DynconvertError(f"{path} does not exist", usage=True)
+        report = _file_report(path)
+    else:
+        request = ModelRequest(model=model, options=options, explicit=explicit)
+        report = prepare_model(request).report  # refuses conversion options for a file
+    show_report(report, json_path)

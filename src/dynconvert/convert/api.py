@@ -1,0 +1,169 @@
+"""``dynconvert.convert``: discover, select, build, then swap in place, and report."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DynconvertError
+from ..report import ConversionReport, ConvRow
+from .config import ConvertConfig
+from .costs import conv_macs, dynamic_overhead_macs
+from .discover import ConvSite, discover
+from .replace import module_order, swap_modules
+from .select import Decision, decide, validate
+
+_DEFAULTS = ConvertConfig()
+
+
+def _params(module: nn.Module | None, site: ConvSite, model: nn.Module) -> int | None:
+    if module is not None:
+        return sum(p.numel() for p in module.parameters())
+    if site.kernel_size is None or site.out_channels is None or site.groups is None:
+        return None
+    # functional conv: the weight it reads (its bias, if any, is not known from the graph)
+    return site.out_channels * (site.in_channels // site.groups) * math.prod(site.kernel_size)
+
+
+def _macs(site: ConvSite) -> int | None:
+    if site.calls is None or len(site.output_shapes) != site.calls or site.kernel_size is None:
+        return None
+    if site.in_channels is None or site.groups is None:
+        return None
+    return sum(
+        conv_macs(out, site.in_channels, site.groups, site.kernel_size)
+        for out in site.output_shapes
+    )
+
+
+def _row(decision: Decision, new: nn.Module | None, config: ConvertConfig, model) -> ConvRow:
+    site = decision.site
+    params_before = _params(site.module, site, model)
+    macs_before = _macs(site)
+    params_after, macs_after = params_before, macs_before
+    if new is not None:
+        params_after = sum(p.numel() for p in new.parameters())
+        if macs_before is not None:
+            macs_after = macs_before + sum(
+                dynamic_overhead_macs(
+                    shape,
+                    site.out_channels,
+                    site.groups,
+                    site.kernel_size,
+                    config.k,
+                    config.ratio,
+                    getattr(site.module, "bias", None) is not None,
+                )
+                for shape in site.input_shapes
+            )
+    return ConvRow(
+        name=site.name,
+        type=site.type_name,
+        status="converted" if decision.converted else "skipped",
+        reason=decision.reason,
+        in_channels=site.in_channels,
+        out_channels=site.out_channels,
+        kernel_size=list(site.kernel_size) if site.kernel_size is not None else None,
+        stride=list(site.stride) if site.stride is not None else None,
+        groups=site.groups,
+        params_before=params_before,
+        params_after=params_after,
+        macs_before=macs_before,
+        macs_after=macs_after,
+        calls=site.calls,
+        kind=site.kind,
+        aliases=list(site.aliases),
+        input_shapes=[list(s) for s in site.input_shapes],
+    )
+
+
+def _config_from(options: dict[str, Any], config: ConvertConfig | None) -> ConvertConfig:
+    if config is not None:
+        if not isinstance(config, ConvertConfig):
+            raise TypeError(f"config: expected a ConvertConfig, got {type(config).__name__}")
+        mixed = sorted(k for k, v in options.items() if v != getattr(_DEFAULTS, k))
+        if mixed:
+            raise DynconvertError(
+                f"convert: pass options either in config= or as keywords, not both "
+                f"(got config and {', '.join(mixed)}); use dataclasses.replace(config, ...)",
+                usage=True,
+            )
+        return config
+    try:
+        return ConvertConfig(**options)
+    except (TypeError, ValueError) as exc:
+        raise DynconvertError(str(exc), usage=True) from exc
+
+
+def convert(
+    model: nn.Module,
+    k: int = 4,
+    *,
+    include: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+    skip_stem: bool = True,
+    min_channels: int = 1,
+    depthwise: str = "convert",
+    ratio: float = 0.25,
+    temperature: float = 1.0,
+    dims: tuple[int, ...] = (1, 2, 3),
+    noise: float = 0.01,
+    strategy: str = "auto",
+    seed: int = 0,
+    input_size: tuple[int, ...] | None = None,
+    example_input: torch.Tensor | None = None,
+    config: ConvertConfig | None = None,
+) -> tuple[nn.Module, ConversionReport]:
+    """Replace the convolutions of ``model`` by dynamic convolutions, in place.
+
+    Returns the same ``model`` object (its class, methods and attributes are kept) and a
+    :class:`~dynconvert.report.ConversionReport`. Right after conversion the model computes
+    what it computed before (Chen et al., CVPR 2020: uniform attention over K kernels whose
+    mean is the trained kernel). Options are described in :class:`ConvertConfig`; pass either
+    ``config=`` or keywords, not both. ``example_input`` (a batch) overrides ``input_size`` for
+    the shape probe.
+
+    Everything is checked before the model is touched: an ``include`` pattern matching no conv
+    or nothing to convert raises :class:`~dynconvert.errors.DynconvertError` and leaves the
+    model unchanged; an ``exclude`` pattern matching nothing warns.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    options = {
+        "k": k, "include": include, "exclude": exclude, "skip_stem": skip_stem,
+        "min_channels": min_channels, "depthwise": depthwise, "ratio": ratio,
+        "temperature": temperature, "dims": dims, "noise": noise, "strategy": strategy,
+        "seed": seed, "input_size": input_size,
+    }  # fmt: skip
+    config = _config_from(options, config)
+    if example_input is not None and not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input: expected a tensor, got {type(example_input).__name__}")
+
+    discovery = discover(model, config.input_size, example_input)
+    decisions = decide(model, discovery.sites, config)
+    validate(decisions, config)
+
+    # Build every new layer before swapping any, so a failure leaves the model as it was.
+    order = module_order(model)
+    generator = torch.Generator().manual_seed(config.seed)
+    chosen = sorted((d for d in decisions if d.converted), key=lambda d: order[id(d.site.module)])
+    built = {id(d.site.module): d.converter(d.site.module, config, generator) for d in chosen}
+
+    params_before = sum(p.numel() for p in model.parameters())
+    rows = [_row(d, built.get(id(d.site.module)) if d.converted else None, config, model)
+            for d in decisions]  # fmt: skip
+    swap_modules(model, [(d.site.module, built[id(d.site.module)]) for d in chosen])
+    report = ConversionReport(
+        rows=rows,
+        notes=discovery.notes,
+        model=type(model).__name__,
+        input_size=list(discovery.input_size) if discovery.input_size else None,
+        traced=discovery.traced,
+        config=config.to_dict(),
+        model_params_before=params_before,
+        model_params_after=sum(p.numel() for p in model.parameters()),
+    )
+    return model, report

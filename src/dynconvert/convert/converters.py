@@ -1,0 +1,77 @@
+"""Registry of exact converters: conv type → function building its dynamic counterpart.
+
+Only *exact* types are looked up (``type(conv) is key``): a subclass may override
+``forward`` and compute something else, so it is skipped unless registered here itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..layers import DynamicConv1d, DynamicConv2d, DynamicConv2dSame, DynamicConv3d, DynamicConvNd
+from .config import ConvertConfig
+
+Converter = Callable[[nn.Module, ConvertConfig, "torch.Generator | None"], DynamicConvNd]
+
+_CONVERTERS: dict[type[nn.Module], Converter] = {}
+
+
+def register_converter(conv_type: type[nn.Module], converter: Converter) -> None:
+    """Register ``converter`` for modules whose type is exactly ``conv_type``.
+
+    The converter must return a module that computes exactly what the conv computes (until
+    it is trained); the equality tests rely on it.
+    """
+    _CONVERTERS[conv_type] = converter
+
+
+def converter_for(module: nn.Module) -> Converter | None:
+    return _CONVERTERS.get(type(module))
+
+
+@torch.no_grad()
+def seed_router(layer: DynamicConvNd, generator: torch.Generator | None) -> None:
+    """Redraw the router's first layer (``nn.Linear``'s init) from ``generator``.
+
+    ``from_conv`` initialises it from the global RNG; drawing it here makes a conversion
+    depend on ``ConvertConfig.seed`` only. The logit layer stays zero (uniform attention).
+    """
+    fc1 = layer.attention.fc1
+    nn.init.kaiming_uniform_(fc1.weight, a=math.sqrt(5), generator=generator)
+    if fc1.bias is not None:
+        bound = 1 / math.sqrt(fc1.in_features)
+        nn.init.uniform_(fc1.bias, -bound, bound, generator=generator)
+
+
+def _from_conv(layer_type: type[DynamicConvNd]) -> Converter:
+    def convert(conv: nn.Module, config: ConvertConfig, generator: torch.Generator | None):
+        layer = layer_type.from_conv(
+            conv,
+            config.k,
+            ratio=config.ratio,
+            temperature=config.temperature,
+            noise=config.noise,
+            strategy=config.strategy,
+            generator=generator,
+        )
+        seed_router(layer, generator)
+        return layer
+
+    convert.__name__ = f"to_{layer_type.__name__}"
+    return convert
+
+
+register_converter(nn.Conv1d, _from_conv(DynamicConv1d))
+register_converter(nn.Conv2d, _from_conv(DynamicConv2d))
+register_converter(nn.Conv3d, _from_conv(DynamicConv3d))
+
+try:  # timm is a dependency, but the layers must not need it
+    from timm.layers import Conv2dSame as _TimmConv2dSame
+except ImportError:  # pragma: no cover
+    _TimmConv2dSame = None
+if _TimmConv2dSame is not None:
+    register_converter(_TimmConv2dSame, _from_conv(DynamicConv2dSame))

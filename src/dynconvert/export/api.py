@@ -1,0 +1,264 @@
+"""``dynconvert.export``: write a converted model as pt2, ONNX or TorchScript, and prove it.
+
+The graph is recorded with every dynamic conv on its static path (one conv with the K kernels
+stacked on the output axis, then the attention-weighted sum: no shape depends on the batch)
+and the batch dimension dynamic. The file is written to a temporary name in the target folder,
+loaded back and compared with the PyTorch model at several batch sizes (``verify.py``); only
+a file that passes is renamed into place, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DynconvertError
+from . import modes
+from .deps import check_available
+from .fold_bn import FoldedPair
+from .fold_bn import fold_bn as fold_batchnorms
+from .formats import FORMATS, MIN_OPSET
+from .verify import failure_message, random_batch, table
+from .verify import verify as verify_file
+
+DEFAULT_BATCH_SIZES = (1, 3, 8)
+EXAMPLE_BATCH = 2  # torch.export specialises a dimension whose example size is 1
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export` wrote and how it checked it.
+
+    ``rows``: one dict per verified batch size (``format``, ``batch``, ``max_abs_error``,
+    ``max_abs_output``, ``relative_error``, ``ok``, ``error``); empty with ``verify=False``.
+    """
+
+    path: Path
+    format: str
+    input_size: tuple[int, ...]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    folded: list[FoldedPair] = field(default_factory=list)
+    export_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.rows) and all(row["ok"] for row in self.rows)
+
+    @property
+    def max_relative_error(self) -> float:
+        return max((row["relative_error"] for row in self.rows), default=math.nan)
+
+
+def _reference_tensor(model: nn.Module) -> torch.Tensor:
+    """A tensor with the model's float dtype and device (for building inputs)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor
+    return torch.empty(0)
+
+
+def resolve_input_size(
+    model: nn.Module, input_size: Sequence[int] | None, example_input: torch.Tensor | None
+) -> tuple[int, ...]:
+    """The shape of one sample: from ``example_input``, ``input_size`` or timm's data config."""
+    if example_input is not None:
+        if not isinstance(example_input, torch.Tensor):
+            raise TypeError(f"example_input: expected a tensor, got {type(example_input).__name__}")
+        if example_input.dim() < 2:
+            raise DynconvertError(
+                "example_input: expected a batch (batch dimension first), got shape "
+                f"{tuple(example_input.shape)}",
+                usage=True,
+            )
+        return tuple(example_input.shape[1:])
+    if input_size is not None:
+        size = tuple(input_size)
+        if not size or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                                for s in size):  # fmt: skip
+            raise DynconvertError(
+                f"input_size: expected positive ints, one sample's shape such as (3, 224, 224), "
+                f"got {input_size!r}",
+                usage=True,
+            )
+        return size
+    if getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None):
+        from timm.data import resolve_data_config
+
+        return tuple(int(s) for s in resolve_data_config({}, model=model)["input_size"])
+    raise DynconvertError(
+        f"the input size of {type(model).__name__} is not known (it has no timm data config); "
+        "pass input_size=(C, H, W) or example_input=, or --input-size C,H,W",
+        usage=True,
+    )
+
+
+def _example(
+    input_size: tuple[int, ...], example_input: torch.Tensor | None, like: torch.Tensor
+) -> torch.Tensor:
+    if example_input is None:
+        return random_batch(input_size, EXAMPLE_BATCH, like, seed=12345)
+    example = example_input.detach()
+    if example.shape[0] < EXAMPLE_BATCH:
+        example = example.repeat(EXAMPLE_BATCH, *(1,) * (example.dim() - 1))[:EXAMPLE_BATCH]
+    return example
+
+
+def _check_arguments(
+    format: str, batch_sizes: Sequence[int], opset: int
+) -> tuple[str, tuple[int, ...]]:
+    name = str(format).lower()
+    if name not in FORMATS:
+        raise DynconvertError(
+            f"unsupported export format {format!r}; choose one of {', '.join(FORMATS)}",
+            usage=True,
+        )
+    sizes = tuple(batch_sizes)
+    if not sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
+                            for b in sizes):  # fmt: skip
+        raise DynconvertError(
+            f"batch_sizes: expected positive ints, got {batch_sizes!r}", usage=True
+        )
+    bad_opset = isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET
+    if name == "onnx" and bad_opset:
+        raise DynconvertError(
+            f"opset: the torch.export-based ONNX exporter needs >= {MIN_OPSET}, got {opset!r}",
+            usage=True,
+        )
+    return name, sizes
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    message = lines[0] if lines else ""
+    if len(message) > limit:
+        message = message[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _probe(model: nn.Module, example: torch.Tensor, input_size: tuple[int, ...]) -> None:
+    """One eval-mode forward, so that a wrong input size is one clear error, before any export."""
+    try:
+        with modes.eval_mode(model), modes.fixed_strategy_choice(), torch.no_grad():
+            model(example)
+    except Exception as exc:
+        raise DynconvertError(
+            f"{type(model).__name__} cannot take inputs of size {input_size} "
+            f"({_first_line(exc)}); give the size it expects with input_size= or --input-size",
+            usage=True,
+        ) from exc
+
+
+def _temporary_file(path: Path) -> Path:
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    except OSError as exc:
+        raise DynconvertError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    os.close(fd)
+    return Path(tmp)
+
+
+def _show(rows: list[dict[str, Any]], title: str) -> None:
+    from rich.console import Console
+
+    Console().print(table(rows, title=title))
+
+
+def export(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    format: str = "pt2",
+    *,
+    example_input: torch.Tensor | None = None,
+    input_size: Sequence[int] | None = None,
+    verify: bool = True,
+    fold_bn: bool = False,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    opset: int = MIN_OPSET,
+    show: bool = True,
+) -> ExportResult:
+    """Export ``model`` (converted by :func:`dynconvert.convert`) to ``path`` with a dynamic batch.
+
+    ``format``: ``"pt2"`` (``torch.export``), ``"onnx"`` (torch.export-based exporter,
+    ``opset`` >= 18) or ``"torchscript"`` (``torch.jit.trace``). The sample shape comes from
+    ``example_input`` (a batch), else ``input_size`` (e.g. ``(3, 224, 224)``), else timm's data
+    config. ``fold_bn`` folds each BatchNorm that directly follows a dynamic conv into its
+    kernels (on a copy; ``model`` is not changed).
+
+    With ``verify`` (the default) the written file is loaded back (``torch.export.load``,
+    onnxruntime, ``torch.jit.load``) and compared with ``model`` in eval mode on random inputs
+    of each of ``batch_sizes``; a max abs error above 1e-4 × max |output| raises
+    :class:`DynconvertError` and nothing is written. ``show`` prints the table. The model's
+    training flags and layer strategies are restored afterwards.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    from ..io import check_output_path
+
+    name, sizes = _check_arguments(format, batch_sizes, opset)
+    fmt = FORMATS[name]
+    path = Path(path)
+    check_output_path(path)
+    check_available(name, verify)
+
+    like = _reference_tensor(model)
+    size = resolve_input_size(model, input_size, example_input)
+    example = _example(size, example_input, like)
+    _probe(model, example, size)
+
+    target, folded = model, []
+    if fold_bn:
+        target = copy.deepcopy(model)
+        with modes.eval_mode(target):
+            folded = fold_batchnorms(target)
+
+    result = ExportResult(path=path, format=name, input_size=size, folded=folded)
+    tmp = _temporary_file(path)
+    try:
+        start = time.perf_counter()
+        try:
+            with modes.eval_mode(target), modes.static_strategy(target):
+                fmt.write(target, example, tmp, opset)
+        except DynconvertError:
+            raise
+        except Exception as exc:
+            raise DynconvertError(
+                f"{name} export of {type(model).__name__} failed: {_first_line(exc)} "
+                "(rerun with --debug for the traceback)"
+            ) from exc
+        result.export_seconds = time.perf_counter() - start
+
+        if verify:
+            start = time.perf_counter()
+            runner = fmt.load(tmp, like.device)
+            with modes.eval_mode(model), modes.fixed_strategy_choice():
+                result.rows = verify_file(name, runner, model, size, sizes, like)
+            result.verify_seconds = time.perf_counter() - start
+            if show:
+                _show(result.rows, f"{path.name}: {fmt.description}, input {size}")
+            if not result.verified:
+                raise DynconvertError(
+                    f"{name} export of {type(model).__name__} failed verification, so {path} "
+                    f"was not written: {failure_message(result.rows)}"
+                )
+        tmp.chmod(0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return result
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

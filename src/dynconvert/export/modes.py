@@ -1,0 +1,57 @@
+"""Context managers that put a model in its export state and restore it afterwards."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from ..layers import DynamicConvNd
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` for the block; every module's own training flag is restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+@contextmanager
+def static_strategy(model: nn.Module) -> Iterator[nn.Module]:
+    """Every dynamic conv on its ``'static'`` path for the block, whatever it was set to.
+
+    ``'auto'`` already picks ``'static'`` under ``torch.jit.trace`` and ``torch.export``; a
+    layer forced to ``'grouped'`` would bake the export batch size into the conv's ``groups``.
+    """
+    layers = [m for m in model.modules() if isinstance(m, DynamicConvNd)]
+    saved = [layer.strategy for layer in layers]
+    for layer in layers:
+        layer.strategy = "static"
+    try:
+        yield model
+    finally:
+        for layer, strategy in zip(layers, saved, strict=True):
+            layer.strategy = strategy
+
+
+@contextmanager
+def fixed_strategy_choice() -> Iterator[None]:
+    """``'auto'`` layers use the cost model instead of timing strategies, for the block.
+
+    Verification runs each batch size once: measuring every strategy for every new input
+    shape would cost more than the check, and all strategies compute the same function.
+    """
+    from ..layers import autotune
+
+    enabled = autotune.autotune_enabled()
+    autotune.set_autotune(False)
+    try:
+        yield
+    finally:
+        autotune.set_autotune(enabled)

@@ -1,0 +1,62 @@
+"""Fine-tune a converted model: ``dynconvert.finetune(model, train, val=None, **options)``.
+
+Modules, one job each: ``options`` (validated settings), ``data`` (ImageFolder checks, timm
+transforms, resumable seeded sampling), ``losses`` (CE, distillation, param groups),
+``schedules`` (cosine lr with warm-up, router temperature), ``loop`` (the trainer),
+``checkpoint`` (atomic, resumable), ``health`` (attention entropy and kernel shares),
+``distributed`` (torchrun/DDP), ``progress`` (rich), ``plot`` (matplotlib curves).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+from torch import nn
+
+from .loop import FinetuneResult, Trainer
+from .models import load_user_model, reset_head, static_teacher
+from .options import FinetuneOptions
+
+
+def finetune(model: nn.Module, train: Any, val: Any = None, **options: Any) -> FinetuneResult:
+    """Train ``model`` in place on ``train`` and return a :class:`FinetuneResult`.
+
+    ``train``/``val``: a ``Dataset``, a ``DataLoader`` (its dataset and collate_fn are used;
+    sampling is replaced by the seeded, resumable, distributed sampler) or a folder: ``DIR``
+    with ``train/`` and ``val/`` ImageFolders, or one ImageFolder. Folder images get timm's
+    transforms for ``model`` (``resolve_data_config`` + ``create_transform``).
+
+    ``options`` are the fields of :class:`FinetuneOptions` (all optional, validated before
+    training). ``teacher=True`` distills from a frozen static copy of the model as given
+    (exactly the original model for a freshly converted one). ``result.model`` is ``model``
+    itself; ``result.history`` has one dict per epoch. Under ``torchrun`` the same call
+    trains with DistributedDataParallel; only rank 0 writes files and prints.
+    """
+    opts = options.pop("options", None) or FinetuneOptions.from_kwargs(**options)
+    return Trainer(model, train, val, opts).run()
+
+
+__all__ = [
+    "FinetuneOptions",
+    "FinetuneResult",
+    "finetune",
+    "load_user_model",
+    "reset_head",
+    "static_teacher",
+]
+
+
+class _CallableModule(types.ModuleType):
+    """``dynconvert.finetune`` is both this subpackage and the function.
+
+    Importing the subpackage binds the attribute ``dynconvert.finetune`` to the module (over
+    the lazily exported function), so the module forwards calls to :func:`finetune`.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> FinetuneResult:
+        return finetune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

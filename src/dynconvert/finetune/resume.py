@@ -1,0 +1,103 @@
+"""A trainer's complete state as a checkpoint, and back: what makes ``--resume`` exact.
+
+The position is ``(epoch, batch within the epoch, global iteration)``. Together with the
+seeded sampler and per-sample augmentation seeds (``data.py``), the restored RNG states
+(dropout, mixup) and the per-iteration schedules, a run resumed from any iteration boundary
+continues with exactly the batches, randomness and learning rates of the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DynconvertError
+from . import checkpoint as ckpt
+
+if TYPE_CHECKING:
+    from .loop import Trainer
+
+# Options that fix the sample order: a resumed run must use the same ones.
+ORDER_OPTIONS = ("batch_size", "seed", "train_subset")
+
+
+def trainer_state(t: Trainer) -> dict[str, Any]:
+    return {
+        "format": ckpt.FORMAT,
+        "fingerprint": t.fingerprint,
+        "model": t.model.state_dict(),
+        "optimizer": t.optimizer.state_dict(),
+        "scheduler": t.scheduler.state_dict(),
+        "scaler": t.scaler.state_dict(),
+        "epoch": t.epoch,
+        "batch": t.batch,
+        "iteration": t.iteration,
+        "epoch_sums": list(t.epoch_sums),
+        "temperature": {**t.temperature.state_dict(), "current": t.temperature.value(t.iteration)},
+        "rng": ckpt.capture_rng(),
+        "teacher": t.teacher_config,
+        "options": t.opts.recipe_dict(),
+        "world": t.ctx.world,
+        "history": t.history,
+        "classes": t.classes,
+        "val_top1_original": t.top1_original,
+        "val_top1_before": t.top1_before,
+    }
+
+
+def restore_trainer(t: Trainer, path: str | Path) -> None:
+    """Load ``path`` into the trainer after checking it belongs to this model and run."""
+    state = ckpt.load_checkpoint(path, t.model)
+    saved = state["options"]
+    for key in ORDER_OPTIONS:
+        if saved.get(key) != getattr(t.opts, key):
+            raise DynconvertError(
+                f"resume: {path} was written with {key}={saved.get(key)!r}, this run has "
+                f"{getattr(t.opts, key)!r}; use the same value to continue the run"
+            )
+    if state["world"] != t.ctx.world:
+        raise DynconvertError(
+            f"resume: {path} was written by {state['world']} processes, this run has "
+            f"{t.ctx.world}; resume with the same number of processes"
+        )
+    if state["teacher"]["enabled"] != t.teacher_config["enabled"]:
+        was = "on" if state["teacher"]["enabled"] else "off"
+        raise DynconvertError(f"resume: {path} was written with distillation {was}; keep it {was}")
+    if state["epoch"] >= t.opts.epochs and state["batch"] == 0:
+        raise DynconvertError(
+            f"resume: {path} already finished {state['epoch']} epochs; raise --epochs to go on"
+        )
+    t.model.load_state_dict(state["model"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    t.scaler.load_state_dict(state["scaler"])
+    t.epoch, t.batch, t.iteration = state["epoch"], state["batch"], state["iteration"]
+    t.epoch_sums = list(state["epoch_sums"])
+    t.history = list(state["history"])
+    t.top1_original, t.top1_before = state["val_top1_original"], state["val_top1_before"]
+    ckpt.restore_rng(state["rng"])
+
+
+@contextlib.contextmanager
+def stop_on_sigint(t: Trainer) -> Iterator[None]:
+    """The first Ctrl-C asks the trainer to stop at the next iteration boundary, where it
+    saves a checkpoint (all ranks agree on the step, see ``Trainer._step``); a second one
+    interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if t._stop_requested:
+            raise KeyboardInterrupt
+        t._stop_requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

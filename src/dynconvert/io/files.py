@@ -1,0 +1,89 @@
+"""Safe file handling: outputs checked before work, atomic writes, weights-only reads.
+
+Writes go to a temporary file in the target folder and are renamed into place, so an
+interrupted run never leaves a half file. Reads use ``torch.load(weights_only=True)`` only; a
+pickle that would run code is refused (and not run) with one clear line.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DynconvertError
+
+
+def check_output_path(path: Path) -> None:
+    """Fail before any work when ``path`` cannot be written: missing, unwritable or a folder."""
+    folder = path.parent
+    if path.is_dir():
+        raise DynconvertError(f"cannot write {path}: it is a folder; give a file name")
+    if not folder.exists():
+        raise DynconvertError(f"cannot write {path}: folder {folder} does not exist")
+    if not folder.is_dir():
+        raise DynconvertError(f"cannot write {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DynconvertError(f"cannot write {path}: folder {folder} is not writable")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file next to ``path``, then rename it into place."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise DynconvertError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal mode
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise DynconvertError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def safe_torch_load(path: Path, map_location: Any) -> Any:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickle-protocol chatter from the weights-only reader
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError as exc:
+        raise DynconvertError(f"cannot read {path}: permission denied") from exc
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if found:
+            raise DynconvertError(
+                f"{path} was refused: it holds pickled code ({found.group(1)}), which safe "
+                "(weights-only) loading does not run; nothing was executed. It is not a "
+                "dynconvert file; load only files from sources you trust"
+            ) from None
+        raise DynconvertError(
+            f"{path} is corrupt or not a weights-only torch file (it cannot be read safely; "
+            "nothing in it was run)"
+        ) from None
+    except EOFError:
+        raise DynconvertError(f"{path} is empty or truncated; save it again") from None
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        kind = "truncated or corrupt" if "zip archive" in reason else "corrupt"
+        raise DynconvertError(
+            f"{path} is {kind}, not a readable torch file ({reason.rstrip('.')})"
+        ) from None

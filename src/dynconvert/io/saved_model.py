@@ -1,0 +1,243 @@
+"""``save``, ``read`` and ``load`` of the dynconvert file format (see :mod:`dynconvert.io`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DynconvertError
+from ..layers import DynamicConvNd
+from .conversion import (
+    CONVERSION_ATTR,
+    check_all_recorded,
+    check_converted,
+    config_from_dict,
+    conversion_of,
+    report_of_layers,
+    submodule_or_none,
+)
+from .files import atomic_torch_save, check_output_path, safe_torch_load
+
+FORMAT = "dynconvert"
+VERSION = 1
+_REQUIRED = {"source": dict, "config": dict, "converted": list, "state_dict": dict}
+
+
+# -- save -----------------------------------------------------------------------------------
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    report: Any = None,
+    config: Any = None,
+    source: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (converted by :func:`dynconvert.convert`) to ``path``; returns the path.
+
+    ``report``: the :class:`~dynconvert.report.ConversionReport` of the conversion (best: its
+    options, names and table are stored). ``config``: a ``ConvertConfig`` (or its dict) that
+    overrides the options. ``source``: overrides the recorded source, e.g.
+    ``{"kind": "timm", "name": "resnet18", "kwargs": {"num_classes": 10}}``.
+    """
+    from ..convert import ConvertConfig
+    from ..models import model_source
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    path = Path(path)
+    check_output_path(path)
+
+    conversion = conversion_of(model, report)
+    if config is not None:
+        if isinstance(config, dict):
+            config = config_from_dict(config, "config")
+        if not isinstance(config, ConvertConfig):
+            raise TypeError(f"config: expected a ConvertConfig or dict, got {type(config)}")
+        conversion["config"] = config.to_dict()
+        conversion["config_inferred"] = False
+    if source is None:
+        source = model_source(model)
+    _check_source(source)
+    check_converted(model, conversion["converted"])
+    if source["kind"] == "timm":
+        check_all_recorded(model, conversion["converted"])
+
+    state_dict = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "source": source,
+        "config": conversion["config"],
+        "config_inferred": conversion["config_inferred"],
+        "converted": list(conversion["converted"]),
+        "report": conversion["report"],
+        "dtype": _uniform_dtype(state_dict),
+        "state_dict": state_dict,
+        "versions": _versions(),
+    }
+    atomic_torch_save(payload, path)
+    return path
+
+
+def _versions() -> dict[str, str | None]:
+    from .. import __version__
+
+    try:
+        import timm
+
+        timm_version = str(timm.__version__)
+    except ImportError:  # pragma: no cover
+        timm_version = None
+    return {"torch": str(torch.__version__), "timm": timm_version, "dynconvert": str(__version__)}
+
+
+def _uniform_dtype(state_dict: dict[str, torch.Tensor]) -> str | None:
+    dtypes = {
+        str(t.dtype).removeprefix("torch.") for t in state_dict.values() if t.is_floating_point()
+    }
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _check_source(source: Any) -> None:
+    if not isinstance(source, dict) or source.get("kind") not in ("timm", "custom"):
+        raise DynconvertError(
+            f"source: expected a dict with kind 'timm' or 'custom', got {source!r}"
+        )
+    if source["kind"] == "timm" and not isinstance(source.get("name"), str):
+        raise DynconvertError(f"source: a timm source needs a 'name', got {source!r}")
+
+
+def read(path: str | os.PathLike[str], *, map_location: Any = "cpu") -> dict[str, Any]:
+    """The checked contents of a dynconvert file, without building a model."""
+    path = Path(path)
+    if not path.exists():
+        raise DynconvertError(f"{path} does not exist")
+    if path.is_dir():
+        raise DynconvertError(f"{path} is a folder, not a dynconvert file")
+    data = safe_torch_load(path, map_location)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise DynconvertError(f"{path} is not a dynconvert file: {_describe(data)}")
+    version = data.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise DynconvertError(f"{path} is a damaged dynconvert file: bad version {version!r}")
+    if version > VERSION:
+        raise DynconvertError(
+            f"{path} was written by a newer dynconvert (file format {version}, this version "
+            f"reads up to {VERSION}); upgrade dynconvert"
+        )
+    for key, kind in _REQUIRED.items():
+        if not isinstance(data.get(key), kind):
+            raise DynconvertError(f"{path} is a damaged dynconvert file: no valid {key!r} entry")
+    if not all(isinstance(n, str) for n in data["converted"]):
+        raise DynconvertError(f"{path} is a damaged dynconvert file: bad 'converted' names")
+    return data
+
+
+def load(
+    path: str | os.PathLike[str], model: nn.Module | None = None, *, map_location: Any = "cpu"
+) -> nn.Module:
+    """Rebuild the model saved at ``path`` and load its weights strictly.
+
+    timm models are rebuilt by name and kwargs with ``pretrained=False`` (the weights come from
+    the file) and moved to ``map_location``. A custom model needs ``model=``: a fresh instance
+    of its architecture (unconverted, or already converted at the saved names). The training
+    mode is left as the model was built.
+    """
+    from ..models import SOURCE_ATTR, rebuild_timm_model
+
+    data = read(path, map_location=map_location)
+    config = config_from_dict(data["config"], f"{path}: config")
+    source = data["source"]
+    if model is None:
+        if source.get("kind") != "timm":
+            cls = source.get("class", "a custom model")
+            raise DynconvertError(
+                f"{path} holds a custom model ({cls}); pass its architecture: "
+                f"dynconvert.load(path, model=YourModel(...))"
+            )
+        model = rebuild_timm_model(source)
+        if data.get("dtype") not in (None, "float32"):
+            model.to(getattr(torch, data["dtype"]))
+        if isinstance(map_location, (str, torch.device)):
+            model.to(map_location)
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+
+    _swap_saved(model, data["converted"], config, path)
+    _load_strict(model, data["state_dict"], path, source)
+    report = data.get("report")
+    if not isinstance(report, dict):
+        layers = [(name, model.get_submodule(name)) for name in data["converted"]]
+        report = report_of_layers(model, layers, config)
+    object.__setattr__(model, SOURCE_ATTR, source)
+    object.__setattr__(
+        model,
+        CONVERSION_ATTR,
+        {
+            "config": config.to_dict(),
+            "config_inferred": bool(data.get("config_inferred", False)),
+            "converted": list(data["converted"]),
+            "report": report,
+        },
+    )
+    return model
+
+
+def _swap_saved(model: nn.Module, names: list[str], config, path: Path) -> None:
+    from ..convert import swap_named
+
+    # A model passed already converted keeps its layers; strict loading checks their shapes.
+    todo = [n for n in names if not isinstance(submodule_or_none(model, n), DynamicConvNd)]
+    try:
+        swap_named(model, todo, config)
+    except DynconvertError as exc:
+        raise DynconvertError(f"{path} does not fit this model: {exc}") from exc
+
+
+def _load_strict(model: nn.Module, state_dict: dict, path: Path, source: dict) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} {tuple(state_dict[k].shape)} in the file vs {tuple(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected),
+                         ("shape mismatch", mismatched)):  # fmt: skip
+        if items:
+            more = f" and {len(items) - 2} more" if len(items) > 2 else ""
+            problems.append(f"{len(items)} {label} ({', '.join(items[:2])}{more})")
+    if problems:
+        what = (
+            f"timm {source.get('name')} with kwargs {source.get('kwargs') or {}}"
+            if source.get("kind") == "timm"
+            else type(model).__name__
+        )
+        raise DynconvertError(
+            f"{path}: the weights do not fit {what}: {'; '.join(problems)}; pass the model "
+            "it was saved from with model="
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _describe(data: Any) -> str:
+    """What a torch file that is not a dynconvert save holds, for the error message."""
+    if isinstance(data, dict):
+        fmt = data.get("format")
+        if isinstance(fmt, str) and fmt.startswith("dynconvert."):
+            return f"it is a {fmt} file, not a saved model"
+        if data and all(isinstance(v, torch.Tensor) for v in data.values()):
+            return (
+                "it holds a plain state dict; load it with model.load_state_dict, or pass it "
+                "to the CLI as --checkpoint"
+            )
+        return "a torch file without the dynconvert marker; save models with dynconvert.save"
+    return f"it holds a {type(data).__name__}; save models with dynconvert.save"

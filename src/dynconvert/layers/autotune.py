@@ -1,0 +1,217 @@
+"""Pick the fastest strategy for one layer and input shape: measure once, then remember.
+
+The first ``'auto'`` call of a layer for a given (layer geometry, input shape, memory
+format, device, dtype, mode) times every eligible strategy, interleaved round-robin, and
+caches the fastest. In training mode (autograd records) a candidate is its forward plus the
+memory-lean backward that goes with it (``lean_backward.py``); in eval mode, the forward.
+Later calls with the same key only look it up; layers of the same geometry share the entry.
+
+Layers too small to be worth timing (fewer than :data:`MIN_MACS` multiply-adds), runs with
+autotuning off (``DYNCONVERT_AUTOTUNE=0`` in the environment, or :func:`set_autotune`) and
+``torch.compile`` tracing use the fixed rules of :func:`cost_model_choice` instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from .lean_backward import backward_kind, lean_forward
+from .workspace import recording
+
+if TYPE_CHECKING:
+    from .dynamic_conv import DynamicConvNd
+    from .strategies import Strategy
+
+#: Strategies the autotuner never times: ``static`` does K times the work of a conv.
+EXCLUDED = frozenset({"static"})
+
+_enabled: bool = os.environ.get("DYNCONVERT_AUTOTUNE", "1").strip().lower() not in {
+    "0", "false", "no", "off",
+}  # fmt: skip
+_cache: dict[tuple, str] = {}
+_stats = {"measurements": 0, "lookups": 0}
+ROUNDS = 3
+#: Below this many multiply-adds per call, timing noise exceeds any difference.
+MIN_MACS = 2_000_000
+
+
+def set_autotune(enabled: bool, min_macs: int | None = None) -> None:
+    """Switch measuring on or off (``DYNCONVERT_AUTOTUNE=0`` sets the default to off).
+
+    ``min_macs``: layers with fewer multiply-adds per call use the cost model.
+    """
+    global _enabled, MIN_MACS
+    _enabled = bool(enabled)
+    if min_macs is not None:
+        MIN_MACS = int(min_macs)
+
+
+def autotune_enabled() -> bool:
+    return _enabled
+
+
+def clear_cache() -> None:
+    """Forget every measured choice and reset :func:`stats`."""
+    _cache.clear()
+    _stats.update(measurements=0, lookups=0)
+
+
+def cache() -> dict[tuple, str]:
+    """A copy of the cache: key → chosen strategy."""
+    return dict(_cache)
+
+
+def stats() -> dict[str, int]:
+    """``measurements``: timed strategy runs so far; ``lookups``: calls answered from the cache."""
+    return dict(_stats)
+
+
+def training_mode(layer: DynamicConvNd, x: torch.Tensor) -> bool:
+    """True when autograd records this layer's forward (its backward then counts too)."""
+    return recording(x, layer.weight, layer.bias)
+
+
+def cache_key(layer: DynamicConvNd, x: torch.Tensor) -> tuple:
+    channels_last = (
+        x.dim() >= 4
+        and not x.is_contiguous()
+        and (
+            x.is_contiguous(memory_format=torch.channels_last)
+            if x.dim() == 4
+            else x.is_contiguous(memory_format=torch.channels_last_3d)
+        )
+    )
+    return (
+        layer.dims,
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,
+        layer.stride,
+        layer.conv_padding,
+        layer.dilation,
+        layer.groups,
+        layer.k,
+        layer.bias is not None,
+        tuple(x.shape),
+        channels_last,
+        x.device,
+        x.dtype,
+        training_mode(layer, x),
+    )
+
+
+def multiply_adds(layer: DynamicConvNd, x: torch.Tensor) -> int:
+    """Multiply-adds of the layer's conv for the (padded) input ``x``."""
+    from .unfold import output_size
+
+    per_output = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+    outputs = x.shape[0] * layer.out_channels * math.prod(output_size(layer, tuple(x.shape[2:])))
+    return outputs * per_output
+
+
+def cost_model_choice(layer: DynamicConvNd, x: torch.Tensor) -> str:
+    """Fixed rules, from the per-layer benchmark on CPU (``benchmarks/layers.py``).
+
+    * batch 1: one plain conv with the mixed kernel (``dense``);
+    * 1×1 convs and small maps: im2col + batched GEMM (``unfold``), whose inner dimension
+      ``in/groups·|k|`` is long while the batch-folded conv runs B tiny convolutions;
+    * depthwise and large maps: the batch-folded grouped conv.
+    """
+    batch = x.shape[0]
+    if batch == 1:
+        return "dense"
+    depthwise = layer.groups > 1 and layer.in_channels // layer.groups <= 4
+    if depthwise:
+        return "grouped"
+    pointwise = all(k == 1 for k in layer.kernel_size)
+    out_len = math.prod(s // st for s, st in zip(x.shape[2:], layer.stride, strict=True))
+    if pointwise or out_len <= 14 * 14:
+        return "unfold"
+    return "grouped"
+
+
+def _runner(
+    layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor, name: str, fn: Strategy, train: bool
+) -> Callable[[], object]:
+    x, attn = x.detach(), attn.detach()
+    if not train:
+
+        def forward() -> object:
+            with torch.no_grad():
+                return fn(layer, x, attn)
+
+        return forward
+    backward = backward_kind(layer, name)
+
+    def forward_backward() -> object:
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            ag = attn.detach().requires_grad_(True)
+            out = lean_forward(layer, xg, ag, fn, backward)
+            params = [p for p in (layer.weight, layer.bias) if p is not None and p.requires_grad]
+            return torch.autograd.grad(out, [xg, ag, *params], torch.ones_like(out))
+
+    return forward_backward
+
+
+def measure(
+    layer: DynamicConvNd,
+    x: torch.Tensor,
+    attn: torch.Tensor,
+    candidates: Mapping[str, Strategy],
+    rounds: int = ROUNDS,
+) -> dict[str, float]:
+    """Best time (s) of each candidate over ``rounds`` interleaved rounds, after one warm-up.
+
+    The minimum, not the median: other processes only ever add time.
+    """
+    train = training_mode(layer, x)
+    runners = {name: _runner(layer, x, attn, name, fn, train) for name, fn in candidates.items()}
+    times: dict[str, float] = {}
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    for run in runners.values():  # warm-up: allocator, kernels, caches
+        run()
+    for _ in range(rounds):
+        for name, run in runners.items():
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            times[name] = min(times.get(name, math.inf), time.perf_counter() - start)
+            _stats["measurements"] += 1
+    return times
+
+
+def eligible(layer: DynamicConvNd, x: torch.Tensor, strategies: Mapping[str, Strategy]):
+    return {
+        name: fn
+        for name, fn in strategies.items()
+        if name not in EXCLUDED and not (name == "dense" and x.shape[0] != 1)
+    }
+
+
+def choose(layer: DynamicConvNd, x: torch.Tensor, strategies: Mapping[str, Strategy]) -> str:
+    """The cached or freshly measured fastest strategy (or the cost model's when tuning is off)."""
+    if not _enabled or torch.compiler.is_compiling() or multiply_adds(layer, x) < MIN_MACS:
+        return cost_model_choice(layer, x)
+    key = cache_key(layer, x)
+    name = _cache.get(key)
+    if name is not None:
+        _stats["lookups"] += 1
+        return name
+    candidates = eligible(layer, x, strategies)
+    if len(candidates) == 1:
+        name = next(iter(candidates))
+    else:
+        # Stand-in attention: its values do not change the cost.
+        attn = torch.full((x.shape[0], layer.k), 1.0 / layer.k, device=x.device, dtype=x.dtype)
+        times = measure(layer, x, attn, candidates)
+        name = min(times, key=times.__getitem__)
+    _cache[key] = name
+    return name

@@ -1,0 +1,97 @@
+"""Dynamic convolution with TensorFlow-style 'SAME' padding, computed from each input's size.
+
+timm's ``Conv2dSame`` (used by the ``tf_*`` ports of EfficientNet, MobileNetV3 ...) pads the
+input asymmetrically at run time so that ``out = ceil(in / stride)``, then runs a conv with no
+padding. :class:`DynamicConv2dSame` does the same before the dynamic conv (Chen et al.,
+CVPR 2020), so converting a ``Conv2dSame`` is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dynamic_conv import DynamicConv2d, _check_k, zero_sum_kernels
+from .strategies import run_strategy
+
+
+def same_pad_amount(size: int, kernel: int, stride: int, dilation: int) -> int:
+    """Total padding TF's 'SAME' adds to one dimension: ``out = ceil(size / stride)``."""
+    out = -(-size // stride)
+    return torch.sym_max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+
+
+class DynamicConv2dSame(DynamicConv2d):
+    """``DynamicConv2d`` that pads like timm's ``Conv2dSame`` (TF 'SAME', decided per input).
+
+    The conv itself has no padding; the router pools the unpadded input, as it would for the
+    static conv's input.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.padding != (0, 0) or self.padding_mode != "zeros":
+            raise ValueError("padding: DynamicConv2dSame computes its own padding; pass 0")
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Module,
+        k: int = 4,
+        *,
+        ratio: float = 0.25,
+        temperature: float = 1.0,
+        noise: float = 0.01,
+        strategy: str = "auto",
+        generator: torch.Generator | None = None,
+    ) -> DynamicConv2dSame:
+        """The exact dynamic counterpart of a timm ``Conv2dSame`` (see ``DynamicConvNd.from_conv``).
+
+        ``Conv2dSame.forward`` ignores ``padding`` and ``padding_mode``, so they are not copied.
+        """
+        _check_k(k)
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv: expected timm's Conv2dSame, got {type(conv).__name__}")
+        weight = conv.weight
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            0,
+            conv.dilation,
+            conv.groups,
+            bias=conv.bias is not None,
+            k=k,
+            ratio=ratio,
+            temperature=temperature,
+            strategy=strategy,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(zero_sum_kernels(weight, k, noise, generator))
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias.detach().expand(k, -1))
+        layer.weight.requires_grad_(weight.requires_grad)
+        if conv.bias is not None:
+            layer.bias.requires_grad_(conv.bias.requires_grad)
+        layer.attention.requires_grad_(weight.requires_grad)
+        layer.train(conv.training)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = self._check_input(x)
+        if unbatched:
+            x = x.unsqueeze(0)
+        attn = self.attention(x)
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        pad_h = same_pad_amount(x.shape[-2], kh, sh, dh)
+        pad_w = same_pad_amount(x.shape[-1], kw, sw, dw)
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        out = run_strategy(self, x, attn)
+        return out.squeeze(0) if unbatched else out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", padding='tf_same'"

@@ -1,0 +1,202 @@
+"""Recipes: plain YAML files with the sections ``model``, ``convert``, ``finetune`` and ``data``.
+
+Every key is checked: an unknown key is an error that names it (and its section), a value
+of the wrong type is an error that names the key and the expected type. CLI flags override
+recipe values (see ``dynconvert finetune --recipe``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .errors import DynconvertError
+
+_NUM = (int, float)
+_OPT_NUM = (int, float, type(None))
+_OPT_INT = (int, type(None))
+_OPT_STR = (str, type(None))
+_STRS = (str, list, type(None))
+
+MODEL_SCHEMA: dict[str, tuple[type, ...]] = {
+    "name": (str,),  # a timm name, or package.module:function
+    "weights": _OPT_STR,
+    "pretrained": (bool,),
+    "num_classes": _OPT_INT,
+}
+
+# The fallback when dynconvert.convert is unavailable; otherwise ConvertConfig's own fields.
+CONVERT_SCHEMA: dict[str, tuple[type, ...]] = {
+    "k": (int,),
+    "include": _STRS,
+    "exclude": _STRS,
+    "skip_stem": (bool,),
+    "min_channels": (int,),
+    "depthwise": (str,),
+    "ratio": _NUM,
+    "temperature": _NUM,
+    "dims": (int, list),
+    "noise": _NUM,
+    "strategy": (str,),
+    "seed": (int,),
+    "input_size": (list, type(None)),
+}
+
+FINETUNE_SCHEMA: dict[str, tuple[type, ...]] = {
+    "epochs": (int,),
+    "batch_size": (int,),
+    "optimizer": (str,),
+    "lr": _NUM,
+    "momentum": _NUM,
+    "nesterov": (bool,),
+    "weight_decay": _NUM,
+    "attention_lr": _OPT_NUM,
+    "attention_weight_decay": _OPT_NUM,
+    "kernel_lr_scale": _NUM,
+    "kernel_grad_scale": _NUM,
+    "kernel_diff_decay": _NUM,
+    "min_lr": _NUM,
+    "warmup_epochs": _NUM,
+    "temperature_start": _OPT_NUM,
+    "temperature_end": _NUM,
+    "temperature_epochs": _OPT_NUM,
+    "distill": (bool,),
+    "distill_weight": _NUM,
+    "distill_temperature": _NUM,
+    "label_smoothing": _NUM,
+    "clip_grad_norm": _OPT_NUM,
+    "mixup_alpha": _NUM,
+    "cutmix_alpha": _NUM,
+    "amp": _OPT_STR,
+    "channels_last": (bool,),
+    "device": _OPT_STR,
+    "seed": (int,),
+    "eval_every": (int,),
+    "checkpoint_every": (int,),
+}
+
+DATA_SCHEMA: dict[str, tuple[type, ...]] = {
+    "path": _OPT_STR,
+    "input_size": _OPT_INT,
+    "mean": (list, type(None)),
+    "std": (list, type(None)),
+    "interpolation": _OPT_STR,
+    "crop_pct": _OPT_NUM,
+    "train_augment": (str,),
+    "train_subset": _OPT_INT,
+    "num_workers": (int,),
+}
+
+SECTIONS = ("model", "convert", "finetune", "data")
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    names = {int: "int", float: "number", str: "string", bool: "true/false", list: "list"}
+    return " or ".join(names.get(t, "null") for t in types if not (t is int and float in types))
+
+
+def _convert_schema() -> dict[str, tuple[type, ...]]:
+    try:
+        from .convert.config import ConvertConfig
+    except ImportError:
+        return CONVERT_SCHEMA
+    names = {f.name for f in dataclasses.fields(ConvertConfig)}
+    return {n: CONVERT_SCHEMA.get(n, (int, float, str, bool, list, type(None))) for n in names}
+
+
+@dataclasses.dataclass
+class Recipe:
+    """A validated recipe; each section is a plain dict of the keys the file set."""
+
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    convert: dict[str, Any] = dataclasses.field(default_factory=dict)
+    finetune: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    source: str = "<recipe>"
+
+    def finetune_options(self) -> dict[str, Any]:
+        """``finetune`` + ``data`` as keyword arguments of :func:`dynconvert.finetune`
+        (``distill`` becomes ``teacher=True``; ``data.path`` is not an option)."""
+        out = {k: v for k, v in self.finetune.items() if k != "distill"}
+        out.update({k: v for k, v in self.data.items() if k != "path"})
+        if self.finetune.get("distill"):
+            out["teacher"] = True
+        return out
+
+
+def validate_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise DynconvertError(f"recipe {source}: expected a mapping of sections {SECTIONS}")
+    schemas = {
+        "model": MODEL_SCHEMA,
+        "convert": _convert_schema(),
+        "finetune": FINETUNE_SCHEMA,
+        "data": DATA_SCHEMA,
+    }
+    sections: dict[str, dict[str, Any]] = {}
+    for section, body in raw.items():
+        if section not in schemas:
+            raise DynconvertError(
+                f"recipe {source}: unknown section {section!r}; expected one of "
+                f"{', '.join(SECTIONS)}",
+                usage=True,
+            )
+        body = {} if body is None else body
+        if not isinstance(body, dict):
+            raise DynconvertError(f"recipe {source}: section {section!r} must be a mapping")
+        schema = schemas[section]
+        for key, value in body.items():
+            if key not in schema:
+                raise DynconvertError(
+                    f"recipe {source}: unknown key {section}.{key!s}; known keys: "
+                    f"{', '.join(sorted(schema))}",
+                    usage=True,
+                )
+            types = schema[key]
+            wrong = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+            if wrong:
+                raise DynconvertError(
+                    f"recipe {source}: {section}.{key} must be {_type_name(types)}, "
+                    f"got {type(value).__name__} {value!r}",
+                    usage=True,
+                )
+        sections[section] = dict(body)
+    recipe = Recipe(**sections, source=source)
+    _check_values(recipe)
+    return recipe
+
+
+def _check_values(recipe: Recipe) -> None:
+    """Range checks by the objects that own them, reported against the recipe file."""
+    from .finetune.options import FinetuneOptions
+
+    try:
+        FinetuneOptions.from_kwargs(**recipe.finetune_options())
+    except DynconvertError as exc:
+        raise DynconvertError(f"recipe {recipe.source}: {exc}", usage=True) from None
+    if recipe.convert:
+        try:
+            from .convert.config import ConvertConfig
+        except ImportError:
+            return
+        try:
+            ConvertConfig(**recipe.convert)
+        except (TypeError, ValueError) as exc:
+            raise DynconvertError(f"recipe {recipe.source}: convert.{exc}", usage=True) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise DynconvertError(f"recipe: {path} does not exist", usage=True)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise DynconvertError(f"recipe {path}: not valid YAML ({first})", usage=True) from None
+    return validate_recipe(raw, str(path))

@@ -1,0 +1,122 @@
+"""The one-off autotune: measured once per key, cached, switchable, and numerically neutral."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import rel_err
+
+from dynconvert import DynamicConv2d
+from dynconvert.layers import STRATEGIES, autotune, select_strategy
+
+
+@pytest.fixture(autouse=True)
+def fresh_autotune():
+    enabled, min_macs = autotune.autotune_enabled(), autotune.MIN_MACS
+    autotune.clear_cache()
+    autotune.set_autotune(True, min_macs=0)
+    yield
+    autotune.set_autotune(enabled, min_macs=min_macs)
+    autotune.clear_cache()
+
+
+def _layer(**kw) -> DynamicConv2d:
+    layer = DynamicConv2d(8, 8, 3, padding=1, k=4, **kw)
+    with torch.no_grad():
+        layer.attention.fc2.weight.normal_(0, 1.0)
+    return layer
+
+
+def test_second_call_does_not_measure_again():
+    layer = _layer()
+    x = torch.randn(3, 8, 10, 10)
+    with torch.no_grad():
+        layer(x)
+        first = autotune.stats()["measurements"]
+        # grouped, loop, unfold: each timed ROUNDS times
+        assert first == 3 * autotune.ROUNDS
+        layer(x)
+        layer(x + 1)
+        assert autotune.stats() == {"measurements": first, "lookups": 2}
+        # A layer of the same geometry shares the entry.
+        _layer()(x)
+        assert autotune.stats()["measurements"] == first
+        # A new batch size is a new key; so are training mode and dtype.
+        layer(x[:2])
+        assert autotune.stats()["measurements"] == 2 * first
+    layer(x)  # autograd records: forward + backward are timed
+    assert autotune.stats()["measurements"] == 3 * first
+    assert len(autotune.cache()) == 3
+    chosen = set(autotune.cache().values())
+    assert chosen <= set(STRATEGIES) - {"static", "dense"}
+
+
+def test_batch_one_also_times_dense():
+    layer = _layer()
+    with torch.no_grad():
+        layer(torch.randn(1, 8, 6, 6))
+    assert autotune.stats()["measurements"] == 4 * autotune.ROUNDS
+
+
+def test_results_identical_whichever_strategy_runs():
+    layer = _layer()
+    x = torch.randn(4, 8, 9, 9)
+    with torch.no_grad():
+        auto = layer(x)
+        assert select_strategy(layer, x) in STRATEGIES
+        for name in STRATEGIES:
+            if name == "dense":
+                continue
+            layer.strategy = name
+            assert rel_err(layer(x), auto) <= 1e-5, name
+    # Gradients too, whichever strategy the tuner picked.
+    layer.strategy = "auto"
+    xg = x.clone().requires_grad_()
+    layer(xg).square().sum().backward()
+    auto_grads = [xg.grad.clone(), layer.weight.grad.clone()]
+    layer.strategy, layer.weight.grad = "grouped", None
+    xg.grad = None
+    layer(xg).square().sum().backward()
+    assert rel_err(xg.grad, auto_grads[0]) <= 1e-5
+    assert rel_err(layer.weight.grad, auto_grads[1]) <= 1e-5
+
+
+def test_switched_off_uses_the_cost_model():
+    autotune.set_autotune(False)
+    layer = _layer()
+    for shape in [(1, 8, 9, 9), (4, 8, 9, 9), (4, 8, 40, 40)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            layer(x)
+        assert select_strategy(layer, x) == autotune.cost_model_choice(layer, x)
+    assert autotune.stats()["measurements"] == 0
+    assert autotune.cost_model_choice(layer, torch.randn(1, 8, 9, 9)) == "dense"
+
+
+def test_small_layers_skip_measuring():
+    autotune.set_autotune(True, min_macs=10**9)
+    with torch.no_grad():
+        _layer()(torch.randn(2, 8, 9, 9))
+    assert autotune.stats()["measurements"] == 0
+
+
+def test_forced_strategy_and_tracing_never_measure():
+    layer = _layer(strategy="unfold")
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        layer(x)
+        layer.strategy = "auto"
+        traced = torch.jit.trace(layer, x, check_trace=False)
+    assert autotune.stats()["measurements"] == 0
+    assert rel_err(traced(x[:1]), layer(x[:1])) <= 1e-5  # static path: batch stays dynamic
+
+
+def test_environment_variable_switches_it_off():
+    code = "from dynconvert.layers import autotune; print(autotune.autotune_enabled())"
+    env = {**os.environ, "DYNCONVERT_AUTOTUNE": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr

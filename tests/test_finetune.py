@@ -1,0 +1,512 @@
+"""dynconvert.finetune: the loop, schedules, groups, distillation, health, checkpoints.
+
+Helpers defined here (synthetic ImageFolder data, tiny dynamic models) are imported by the
+other test_finetune_*.py files.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import rel_err
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import dynconvert
+from dynconvert import DynamicConv2d, DynconvertError
+from dynconvert.finetune import FinetuneOptions, static_teacher
+from dynconvert.finetune.health import AttentionMonitor, unused_warnings
+from dynconvert.finetune.losses import kernel_difference_penalty, parameter_groups
+from dynconvert.finetune.schedules import cosine_warmup_factor
+
+COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+
+# A module file for subprocess tests (--model tinynet:tiny): a seeded tiny dynamic model.
+TINYNET = """
+import os, time
+import torch
+from torch import nn
+from dynconvert import DynamicConv2d
+
+class Slow(nn.Module):
+    def forward(self, x):
+        if self.training and os.environ.get("TINYNET_SLEEP"):
+            time.sleep(float(os.environ["TINYNET_SLEEP"]))
+        return x
+
+def tiny(num_classes=3):
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    c1, c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+    return nn.Sequential(
+        DynamicConv2d.from_conv(c1, generator=g), nn.BatchNorm2d(8), nn.ReLU(), Slow(),
+        DynamicConv2d.from_conv(c2, noise=0.05, generator=g), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(8, num_classes),
+    )
+"""
+
+
+def write_tinynet(folder: Path) -> Path:
+    (folder / "tinynet.py").write_text(TINYNET)
+    return folder
+
+
+def make_image_folder(root: Path, classes=("a", "b", "c"), per_class=8, size=16, seed=0) -> Path:
+    """PNG images whose dominant colour is the class, plus noise: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    for c, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        base = torch.tensor(COLORS[c % len(COLORS)], dtype=torch.float32)
+        for i in range(per_class):
+            noise = torch.randint(-40, 40, (size, size, 3), generator=g).float()
+            pixels = (base + noise).clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return root
+
+
+def make_data_dir(root: Path, classes=("a", "b", "c"), per_class=8) -> Path:
+    make_image_folder(root / "train", classes, per_class, seed=0)
+    make_image_folder(root / "val", classes, max(2, per_class // 2), seed=1)
+    return root
+
+
+def tiny_model(num_classes: int = 3, seed: int = 1, dropout: float = 0.0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    c1, c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+    return nn.Sequential(
+        DynamicConv2d.from_conv(c1, generator=g),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        DynamicConv2d.from_conv(c2, noise=0.05, generator=g),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(8, num_classes),
+    )
+
+
+def tensor_data(n: int = 24, classes: int = 3, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = torch.randn(n, 3, 8, 8, generator=g) * 0.5
+    x[torch.arange(n), y % 3] += 1.5  # the class is the brightest channel
+    return TensorDataset(x, y)
+
+
+QUIET = {"progress": False}
+
+
+def test_cosine_warmup_factor_matches_closed_form():
+    total, warmup = 100, 10
+    for it in range(warmup):
+        assert cosine_warmup_factor(it, total, warmup) == pytest.approx((it + 1) / warmup)
+    for it in (10, 35, 55, 99):
+        expected = 0.5 * (1 + math.cos(math.pi * (it - warmup) / (total - warmup)))
+        assert cosine_warmup_factor(it, total, warmup) == pytest.approx(expected)
+    assert cosine_warmup_factor(total, total, warmup, 0.1) == pytest.approx(0.1)
+
+
+def test_lr_and_temperature_follow_their_schedules_every_iteration():
+    model = tiny_model()
+    seen_temperature, lrs = [], []
+    layer = model[0]
+    layer.attention.register_forward_hook(
+        lambda m, i, o: seen_temperature.append(float(m.temperature)) if m.training else None
+    )
+    data = tensor_data(24)
+    result = dynconvert.finetune(
+        model,
+        data,
+        epochs=2,
+        batch_size=8,
+        lr=0.1,
+        warmup_epochs=1,
+        temperature_start=10.0,
+        temperature_end=2.0,
+        temperature_epochs=1,
+        callbacks=[lambda e: lrs.append(e.get("lr"))],
+        **QUIET,
+    )
+    per_epoch = 3
+    expected_t = [10.0 + (2.0 - 10.0) * min(1.0, i / per_epoch) for i in range(2 * per_epoch)]
+    assert seen_temperature == pytest.approx(expected_t)
+    step_lrs = [lr for lr in lrs[: 2 * per_epoch + 1] if lr is not None]
+    # lr after each step: warm-up 1/3, 2/3, 1, then cosine over the last 3 iterations.
+    expected_lr = [0.1 * cosine_warmup_factor(i + 1, 6, 3) for i in range(6)]
+    assert step_lrs[:3] + step_lrs[4:7] == pytest.approx(expected_lr)
+    assert result.history[-1]["temperature"] == pytest.approx(2.0)
+    assert layer.temperature == pytest.approx(2.0)
+
+
+def test_parameter_groups_router_lr_and_no_decay_on_biases_and_norms():
+    model = tiny_model()
+    groups = parameter_groups(model, 0.1, 5e-4, attention_lr=0.5, attention_weight_decay=None)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    assert len(by_id) == sum(1 for _ in model.parameters())  # each param exactly once
+    for name, p in model.named_parameters():
+        g = by_id[id(p)]
+        assert g["lr"] == (0.5 if ".attention." in name else 0.1), name
+        no_decay = name.endswith("bias") or p.ndim == 1
+        assert g["weight_decay"] == (0.0 if no_decay else 5e-4), name
+    assert by_id[id(model[0].bias)]["weight_decay"] == 0.0  # (K, out) dynamic bias
+
+
+def test_kernel_lr_scale_and_kernel_difference_penalty():
+    model = tiny_model()
+    groups = parameter_groups(model, 0.1, 5e-4, None, None, kernel_lr_scale=4.0)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert lr_of[id(model[0].weight)] == lr_of[id(model[3].bias)] == pytest.approx(0.4)
+    assert lr_of[id(model[0].attention.fc1.weight)] == lr_of[id(model[8].weight)] == 0.1
+    w = [model[i].weight.detach().double() for i in (0, 3)]
+    expected = sum(((x - x.mean(0)) ** 2).sum() for x in w)
+    assert kernel_difference_penalty(model).item() == pytest.approx(expected.item(), rel=1e-5)
+    before = kernel_difference_penalty(model).item()
+    dynconvert.finetune(
+        model,
+        tensor_data(),
+        epochs=2,
+        batch_size=8,
+        lr=0.05,
+        weight_decay=0.0,
+        kernel_diff_decay=5.0,
+        **QUIET,
+    )
+    assert kernel_difference_penalty(model).item() < 0.5 * before  # kernels pulled together
+
+
+def test_kernel_grad_scale_multiplies_only_the_kernel_updates():
+    def first_step(scale):
+        model = tiny_model()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        dynconvert.finetune(
+            model,
+            tensor_data(8),
+            epochs=1,
+            batch_size=8,
+            lr=0.1,
+            momentum=0.0,
+            weight_decay=0.0,
+            kernel_grad_scale=scale,
+            **QUIET,
+        )
+        return {k: v - before[k] for k, v in model.state_dict().items()}
+
+    one, four = first_step(1.0), first_step(4.0)
+    assert rel_err(four["0.weight"], 4 * one["0.weight"]) < 1e-5
+    assert rel_err(four["3.bias"], 4 * one["3.bias"]) < 1e-5
+    assert rel_err(four["8.weight"], one["8.weight"]) < 1e-5
+    assert rel_err(four["0.attention.fc1.weight"], one["0.attention.fc1.weight"]) < 1e-5
+
+
+def test_zero_attention_lr_freezes_the_routers_only():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dynconvert.finetune(
+        model, tensor_data(), epochs=1, batch_size=8, attention_lr=0.0, weight_decay=0.0, **QUIET
+    )
+    after = model.state_dict()
+    for key in before:
+        if ".attention." in f".{key}" and not key.endswith("temperature"):
+            assert torch.equal(before[key], after[key]), key
+    assert not torch.equal(before["0.weight"], after["0.weight"])
+    assert not torch.equal(before["8.weight"], after["8.weight"])
+
+
+def test_same_seed_same_weights_other_seed_other_weights():
+    def run(seed):
+        model = tiny_model(dropout=0.3)
+        dynconvert.finetune(model, tensor_data(), epochs=2, batch_size=8, seed=seed, **QUIET)
+        return model.state_dict()
+
+    a, b, c = run(3), run(3), run(4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_training_learns_the_task_and_reports_before_and_after():
+    model = tiny_model()
+    original = static_teacher(model)
+    data = tensor_data(48)
+    result = dynconvert.finetune(
+        model,
+        DataLoader(data, batch_size=8),
+        data,
+        epochs=4,
+        lr=0.1,
+        batch_size=8,
+        original=original,
+        **QUIET,
+    )
+    assert result.model is model
+    assert result.val_top1_original == result.val_top1_before  # conversion is exact
+    assert result.val_top1_after > result.val_top1_before
+    assert result.val_top1_after >= 90.0
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert len(result.history) == 4
+
+
+def test_static_teacher_computes_the_converted_model_and_distillation_starts_at_zero():
+    model = tiny_model().eval()
+    model[1] = nn.Identity()  # BatchNorm would differ between train (student) and eval (teacher)
+    teacher = static_teacher(model)
+    assert not any(isinstance(m, DynamicConv2d) for m in teacher.modules())
+    x = torch.randn(5, 3, 8, 8)
+    assert rel_err(teacher(x), model(x)) < 1e-5
+    losses = []
+    log = [lambda e: losses.append(e["loss"]) if e["event"] == "step" else None]
+    dynconvert.finetune(
+        model.train(),
+        tensor_data(),
+        epochs=1,
+        batch_size=8,
+        teacher=True,
+        distill_weight=1.0,
+        callbacks=log,
+        **QUIET,
+    )
+    assert max(losses) == pytest.approx(0.0, abs=1e-6)  # the student starts as the teacher
+    other, losses[:] = tiny_model(seed=5), []
+    other[1] = nn.Identity()
+    dynconvert.finetune(
+        model,
+        tensor_data(),
+        epochs=1,
+        batch_size=8,
+        teacher=other,
+        distill_weight=1.0,
+        callbacks=log,
+        **QUIET,
+    )
+    assert losses[0] > 1e-3
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    calls = []
+
+    def explode_late(model):  # the regularizer seam: nan from the 5th step on
+        calls.append(1)
+        return torch.tensor(float("nan") if len(calls) >= 5 else 0.0)
+
+    model, ckpt = tiny_model(), tmp_path / "run.ckpt"
+    with pytest.raises(DynconvertError, match=r"non-finite.*last good checkpoint kept"):
+        dynconvert.finetune(
+            model,
+            tensor_data(),
+            epochs=3,
+            batch_size=8,
+            checkpoint=ckpt,
+            regularizers=[explode_late],
+            **QUIET,
+        )
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 1 and state["iteration"] == 3  # the end of epoch 1, before the nan
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]  # no temp files left
+
+
+def test_checkpoint_holds_plain_resumable_state(tmp_path):
+    ckpt = tmp_path / "c.pt"
+    model = tiny_model()
+    dynconvert.finetune(
+        model,
+        tensor_data(),
+        epochs=1,
+        batch_size=8,
+        checkpoint=ckpt,
+        temperature_start=5.0,
+        teacher=True,
+        **QUIET,
+    )
+    state = torch.load(ckpt, weights_only=True)
+    for key in (
+        "model",
+        "optimizer",
+        "scheduler",
+        "epoch",
+        "iteration",
+        "batch",
+        "rng",
+        "temperature",
+        "teacher",
+        "options",
+        "history",
+    ):
+        assert key in state, key
+    assert state["temperature"]["start"] == 5.0 and state["temperature"]["current"] == 1.0
+    assert state["teacher"]["enabled"] and state["teacher"]["weight"] == 0.5
+    assert {"torch", "python", "numpy"} <= set(state["rng"])
+    assert all(torch.equal(state["model"][k], v) for k, v in model.state_dict().items())
+
+
+def test_in_process_resume_mid_epoch_matches_uninterrupted(tmp_path):
+    opts = dict(epochs=3, batch_size=4, lr=0.05, seed=7, checkpoint_every=1, **QUIET)
+    reference = tiny_model(dropout=0.3)
+    dynconvert.finetune(reference, tensor_data(20), checkpoint=tmp_path / "ref.pt", **opts)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at(event):
+        if event["event"] == "step" and event["iteration"] == 8:  # epoch 2, batch 3 of 5
+            raise Crash
+
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Crash):
+        dynconvert.finetune(
+            tiny_model(dropout=0.3), tensor_data(20), checkpoint=ckpt, callbacks=[crash_at], **opts
+        )
+    assert torch.load(ckpt, weights_only=True)["batch"] == 2  # saved mid-epoch, step 7
+    resumed = tiny_model(dropout=0.3)
+    result = dynconvert.finetune(resumed, tensor_data(20), checkpoint=ckpt, resume=ckpt, **opts)
+    ref = reference.state_dict()
+    for key, value in resumed.state_dict().items():
+        assert (value.double() - ref[key].double()).abs().max() <= 1e-6, key
+    assert len(result.history) == 3
+
+
+def test_resume_refuses_another_models_checkpoint(tmp_path):
+    ckpt = tmp_path / "c.pt"
+    dynconvert.finetune(
+        tiny_model(), tensor_data(), epochs=1, batch_size=8, checkpoint=ckpt, **QUIET
+    )
+    with pytest.raises(DynconvertError, match="another model"):
+        dynconvert.finetune(
+            tiny_model(num_classes=4),
+            tensor_data(classes=4),
+            epochs=1,
+            batch_size=8,
+            resume=ckpt,
+            **QUIET,
+        )
+
+
+def test_resume_refuses_other_sample_order_and_finished_runs(tmp_path):
+    ckpt = tmp_path / "c.pt"
+    opts = dict(epochs=1, checkpoint=ckpt, **QUIET)
+    dynconvert.finetune(tiny_model(), tensor_data(), batch_size=8, **opts)
+    with pytest.raises(DynconvertError, match="batch_size=8, this run has 4"):
+        dynconvert.finetune(tiny_model(), tensor_data(), batch_size=4, resume=ckpt, **opts)
+    with pytest.raises(DynconvertError, match="already finished 1 epochs"):
+        dynconvert.finetune(tiny_model(), tensor_data(), batch_size=8, resume=ckpt, **opts)
+
+
+def test_attention_health_matches_direct_computation_and_flags_unused_kernels():
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model[0].attention.fc2.bias.copy_(torch.tensor([4.0, -8.0, -8.0, 4.0]))
+        model[3].attention.fc2.weight.normal_()
+    x = torch.randn(6, 3, 8, 8)
+    with AttentionMonitor(model) as monitor, torch.no_grad():
+        model(x)
+    summary = monitor.summary()
+    attn = model[0].attention(x).double()
+    assert summary["0"]["shares"] == pytest.approx(attn.mean(0).tolist(), abs=1e-6)
+    entropy = -(attn * attn.log()).sum(1).mean().item()
+    assert summary["0"]["entropy"] == pytest.approx(entropy, abs=1e-5)
+    assert summary["0"]["unused"] == [1, 2] and summary["3"]["unused"] == []
+    assert unused_warnings(summary) == ["0: kernel(s) 1, 2 unused (share < 10% of 1/K)"]
+
+
+def test_plot_is_written(tmp_path):
+    plot = tmp_path / "curves.png"
+    dynconvert.finetune(
+        tiny_model(),
+        tensor_data(),
+        tensor_data(seed=1),
+        epochs=2,
+        batch_size=8,
+        temperature_start=4.0,
+        plot=plot,
+        **QUIET,
+    )
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+
+
+def test_mixup_and_label_smoothing_train(tmp_path):
+    model = tiny_model()
+    result = dynconvert.finetune(
+        model,
+        tensor_data(),
+        epochs=1,
+        batch_size=8,
+        mixup_alpha=0.2,
+        cutmix_alpha=1.0,
+        label_smoothing=0.1,
+        **QUIET,
+    )
+    assert math.isfinite(result.history[0]["train_loss"])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"amp": "int8"}, "amp"),
+        ({"lr": -1.0}, "lr"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"mean": [0.5, 0.5]}, "mean"),
+        ({"label_smoothing": 1.0}, "label_smoothing"),
+    ],
+)
+def test_bad_options_are_named(options, message):
+    with pytest.raises(DynconvertError, match=message):
+        FinetuneOptions(**options)
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(TypeError, match="'epoch'"):
+        dynconvert.finetune(tiny_model(), tensor_data(), epoch=3)
+
+
+def test_amp_on_cpu_warns_and_trains_in_float32():
+    with pytest.warns(UserWarning, match="amp needs a CUDA device"):
+        dynconvert.finetune(
+            tiny_model(), tensor_data(), epochs=1, batch_size=8, amp="bf16", device="cpu", **QUIET
+        )
+
+
+def test_folder_data_augmentation_is_the_same_with_and_without_workers(tmp_path):
+    """Each sample's random crop/flip is seeded by (seed, epoch, index), not by the worker."""
+    data = make_data_dir(tmp_path / "data", per_class=4)
+
+    def run(workers):
+        model = tiny_model()
+        result = dynconvert.finetune(
+            model,
+            data,
+            epochs=2,
+            batch_size=4,
+            input_size=16,
+            train_augment="crop-flip",
+            num_workers=workers,
+            **QUIET,
+        )
+        return model.state_dict(), result
+
+    (a, result), (b, _) = run(0), run(2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert result.classes == ["a", "b", "c"] and result.val_top1_after is not None
+
+
+def test_channels_last_conversion_keeps_the_function():
+    from dynconvert.finetune.models import to_channels_last
+
+    model = nn.Sequential(
+        DynamicConv2d.from_conv(nn.Conv2d(3, 8, 3, padding=1)), nn.Conv2d(8, 4, 3)
+    )
+    x = torch.randn(2, 3, 8, 8)
+    reference = model(x)
+    to_channels_last(model)  # Module.to(memory_format=...) raises on the 5-D kernels
+    assert model[1].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model[0].weight.dim() == 5
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    assert rel_err(model(x_cl), reference) < 1e-5

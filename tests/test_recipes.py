@@ -1,0 +1,86 @@
+"""Recipes: the shipped YAML files validate; unknown keys and wrong types are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dynconvert import DynconvertError
+from dynconvert.finetune import FinetuneOptions
+from dynconvert.recipes import load_recipe, validate_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipes_validate(path):
+    recipe = load_recipe(path)
+    assert recipe.model.get("name")
+    options = FinetuneOptions.from_kwargs(**recipe.finetune_options())
+    assert options.epochs >= 1
+
+
+def test_imagenet_recipes_carry_the_papers_settings():
+    for name in ("resnet50-imagenet.yaml", "mobilenetv2-imagenet.yaml"):
+        recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / name)
+        assert recipe.convert["k"] == 4 and recipe.convert["ratio"] == 0.25
+        assert recipe.finetune["temperature_start"] == 30.0
+        assert recipe.finetune["temperature_end"] == 1.0
+
+
+def test_sections_map_to_finetune_options():
+    recipe = validate_recipe(
+        {
+            "model": {"name": "resnet18", "num_classes": 10},
+            "convert": {"k": 2, "exclude": ["layer4.*"]},
+            "finetune": {"epochs": 2, "lr": 0.1, "distill": True},
+            "data": {"path": "/data", "input_size": 32, "train_subset": 100},
+        }
+    )
+    assert recipe.finetune_options() == {
+        "epochs": 2,
+        "lr": 0.1,
+        "teacher": True,
+        "input_size": 32,
+        "train_subset": 100,
+    }
+    assert recipe.data["path"] == "/data"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"trainer": {}}, "unknown section 'trainer'"),
+        ({"finetune": {"learning_rate": 0.1}}, "unknown key finetune.learning_rate"),
+        ({"data": {"folder": "x"}}, "unknown key data.folder"),
+        ({"convert": {"kernels": 4}}, "unknown key convert.kernels"),
+        ({"model": {"arch": "x"}}, "unknown key model.arch"),
+        ({"finetune": {"epochs": "3"}}, "finetune.epochs must be int, got str '3'"),
+        ({"finetune": {"epochs": 2.5}}, "finetune.epochs must be int"),
+        ({"finetune": {"lr": "fast"}}, "finetune.lr must be number"),
+        ({"finetune": {"nesterov": 1}}, "finetune.nesterov must be true/false"),
+        ({"finetune": {"epochs": True}}, "finetune.epochs must be int"),
+        ({"data": {"mean": 0.5}}, "data.mean must be list or null"),
+        ({"finetune": {"epochs": 0}}, "epochs: expected an int >= 1"),
+        ({"finetune": {"optimizer": "rmsprop"}}, "optimizer: expected one of sgd, adamw"),
+        ({"convert": {"k": 0}}, "convert.k: expected an int >= 1"),
+        ({"finetune": [1, 2]}, "section 'finetune' must be a mapping"),
+        ([1, 2], "expected a mapping of sections"),
+    ],
+)
+def test_bad_recipes_name_the_key(raw, message):
+    with pytest.raises(DynconvertError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        validate_recipe(raw, "r.yaml")
+
+
+def test_recipe_file_errors(tmp_path):
+    with pytest.raises(DynconvertError, match="does not exist"):
+        load_recipe(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("finetune: [unclosed\n")
+    with pytest.raises(DynconvertError, match="not valid YAML"):
+        load_recipe(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_recipe(empty).finetune_options() == {}

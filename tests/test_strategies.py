@@ -1,0 +1,176 @@
+"""Every forward strategy against a float64 reference, forward and backward (issue 6).
+
+Covers the strategies added for speed (``unfold``: im2col + batched GEMM, 1×1 as a plain
+batched GEMM, its channels_last variant) and the reuse of scratch buffers: a buffer is shared
+by consecutive calls, so outputs must never alias it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import rel_err
+
+from dynconvert import DynamicConv1d, DynamicConv2d, DynamicConv3d, DynamicConvNd
+from dynconvert.layers import STRATEGIES, workspace
+
+DYNAMIC = {1: DynamicConv1d, 2: DynamicConv2d, 3: DynamicConv3d}
+SPATIAL = {1: 13, 2: 8, 3: 5}
+
+CASES = [
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=1),
+    dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, dilation=2, padding=2),
+    dict(in_channels=6, out_channels=4, kernel_size=2, groups=2, bias=False),
+    dict(in_channels=4, out_channels=8, kernel_size=3, padding=1, groups=4),  # depthwise ×2
+    dict(in_channels=4, out_channels=6, kernel_size=1),
+    dict(in_channels=4, out_channels=6, kernel_size=1, stride=2, bias=False),
+    dict(in_channels=4, out_channels=6, kernel_size=1, padding=1),
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, padding_mode="reflect"),
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, padding_mode="circular"),
+]
+GRID = [pytest.param(n, case, id=f"{n}d-{i}") for n in (1, 2, 3) for i, case in enumerate(CASES)]
+
+
+def make_layer(n: int, case: dict, strategy: str, dtype=torch.float32) -> DynamicConvNd:
+    layer = DYNAMIC[n](**case, k=3, strategy=strategy, dtype=dtype)
+    with torch.no_grad():
+        layer.attention.fc2.weight.normal_(0, 1.0)
+        layer.attention.fc2.bias.normal_(0, 1.0)
+    return layer
+
+
+def reference(layer: DynamicConvNd, x: torch.Tensor) -> torch.Tensor:
+    """Float64, per sample: the explicitly mixed kernel in PyTorch's own nn.ConvNd."""
+    conv_type = type(layer).conv_type
+    attn = layer.attention(x)
+    outs = []
+    for b in range(x.shape[0]):
+        conv = conv_type(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+            bias=False,
+            padding_mode=layer.padding_mode,
+            dtype=x.dtype,
+        )
+        weight = torch.einsum("k,k...->...", attn[b], layer.weight)
+        bias = None if layer.bias is None else attn[b] @ layer.bias
+        outs.append(conv._conv_forward(x[b : b + 1], weight, bias))
+    return torch.cat(outs)
+
+
+def strategies(batch: int) -> list[str]:
+    return [s for s in STRATEGIES if not (s == "dense" and batch != 1)] + ["auto"]
+
+
+@pytest.mark.parametrize(("n", "case"), GRID)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_forward_and_backward_match_float64(n, case, batch):
+    x = torch.randn(batch, case["in_channels"], *(SPATIAL[n],) * n)
+    layer = make_layer(n, case, "auto")
+    ref_layer = copy.deepcopy(layer).double()
+    x64 = x.double().requires_grad_()
+    ref = reference(ref_layer, x64)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    for name in strategies(batch):
+        layer.strategy = name
+        layer.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        out = layer(xg)
+        assert out.shape == ref.shape, name
+        assert rel_err(out, ref) <= 1e-5, name
+        out.backward(grad.float())
+        assert rel_err(xg.grad, x64.grad) <= 1e-5, (name, "input")
+        for (pname, p), p64 in zip(layer.named_parameters(), ref_layer.parameters(), strict=True):
+            # The router's gradient is a softmax Jacobian product: a difference of nearly
+            # equal float32 terms, so it carries a few more ulps of rounding.
+            tol = 1e-4 if pname.startswith("attention") else 1e-5
+            assert rel_err(p.grad, p64.grad) <= tol, (name, pname)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_channels_last_inputs(groups, stride, kernel_size):
+    layer = make_layer(
+        2, dict(in_channels=8, out_channels=6, kernel_size=kernel_size, stride=stride,
+                groups=groups), "unfold",
+    )  # fmt: skip
+    x = torch.randn(3, 8, 9, 9)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = reference(copy.deepcopy(layer).double(), x.double())
+        for name in strategies(3):
+            layer.strategy = name
+            assert rel_err(layer(x_cl), expected) <= 1e-5, name
+    xg = x_cl.clone().requires_grad_()
+    layer.strategy = "unfold"
+    layer(xg).sum().backward()
+    x64 = x.double().requires_grad_()
+    reference(copy.deepcopy(layer).double(), x64).sum().backward()
+    assert rel_err(xg.grad, x64.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["grouped", "loop", "unfold"])
+def test_scratch_buffers_never_alias_outputs(name):
+    """Consecutive calls share scratch memory; earlier outputs must stay what they were."""
+    layer = make_layer(2, dict(in_channels=4, out_channels=6, kernel_size=3, padding=1), name)
+    x1, x2 = torch.randn(2, 4, 7, 7), torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        y1 = layer(x1)
+        kept = y1.clone()
+        layer(x2)
+        assert torch.equal(y1, kept)
+        assert workspace.held_bytes() > 0
+    # With autograd recording, two forwards then two backwards: saved tensors are intact.
+    a, b = x1.clone().requires_grad_(), x2.clone().requires_grad_()
+    ya, yb = layer(a), layer(b)
+    (ya.sum() + yb.sum()).backward()
+    ref_layer = copy.deepcopy(layer).double()
+    a64, b64 = x1.double().requires_grad_(), x2.double().requires_grad_()
+    (reference(ref_layer, a64).sum() + reference(ref_layer, b64).sum()).backward()
+    assert rel_err(a.grad, a64.grad) <= 1e-5
+    assert rel_err(b.grad, b64.grad) <= 1e-5
+    workspace.release()
+    assert workspace.held_bytes() == 0
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_bfloat16_runs_every_strategy(n):
+    layer = make_layer(n, dict(in_channels=4, out_channels=6, kernel_size=3, padding=1), "auto")
+    x = torch.randn(2, 4, *(SPATIAL[n],) * n)
+    expected = reference(copy.deepcopy(layer).double(), x.double())
+    layer = layer.to(torch.bfloat16)
+    with torch.no_grad():
+        for name in strategies(2):
+            layer.strategy = name
+            out = layer(x.bfloat16())
+            assert out.dtype == torch.bfloat16
+            assert rel_err(out, expected) <= 3e-2, name
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_autocast_forward_and_backward(n):
+    """Under bf16 autocast no scratch buffer of the wrong dtype is used; grads stay float32."""
+    layer = make_layer(n, dict(in_channels=8, out_channels=8, kernel_size=3, padding=1), "auto")
+    x = torch.randn(2, 8, *(SPATIAL[n],) * n)
+    x64 = x.double().requires_grad_()
+    ref_layer = copy.deepcopy(layer).double()
+    reference(ref_layer, x64).sum().backward()
+    for name in strategies(2):
+        layer.strategy = name
+        layer.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(xg)
+        out.float().sum().backward()
+        assert xg.grad.dtype == layer.weight.grad.dtype == torch.float32
+        assert rel_err(xg.grad, x64.grad) <= 3e-2, name
+        assert rel_err(layer.weight.grad, ref_layer.weight.grad) <= 3e-2, name
