@@ -43,16 +43,18 @@ def zero_sum_kernels(
     router gets a non-zero gradient; identical copies would leave it at exactly zero.
 
     ``noise`` is relative to the standard deviation of ``weight`` (or of a Kaiming init when
-    ``weight`` is constant). The perturbation is drawn in float64 on the CPU, so it is the
-    same on every device for one generator seed.
+    ``weight`` is constant). The perturbation is drawn on the CPU (float32, or float64 for a
+    float64 weight), so it is the same on every device for one generator seed; float32 keeps
+    conversion of a ResNet-50 fast, and its rounding is far below the perturbation itself.
     """
     if not noise >= 0:
         raise ValueError(f"noise: must be >= 0, got {noise!r}")
-    base = weight.detach().to("cpu", torch.float64)
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    base = weight.detach().to("cpu", work)
     std = base.std().item() if base.numel() > 1 else 0.0
     if not math.isfinite(std) or std == 0.0:
         std = 1.0 / math.sqrt(max(1, base[0].numel()))
-    perturbation = torch.randn((k, *base.shape), generator=generator, dtype=torch.float64)
+    perturbation = torch.randn((k, *base.shape), generator=generator, dtype=work)
     perturbation -= perturbation.mean(dim=0, keepdim=True)
     kernels = base.unsqueeze(0) + noise * std * perturbation
     return kernels.to(weight.device, weight.dtype)
