@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dynamic_conv import DynamicConv2d, _check_k, zero_sum_kernels
+from .dynamic_conv import DynamicConv2d, _check_k
 from .strategies import run_strategy
 
 
@@ -70,15 +70,7 @@ class DynamicConv2dSame(DynamicConv2d):
             device=weight.device,
             dtype=weight.dtype,
         )
-        with torch.no_grad():
-            layer.weight.copy_(zero_sum_kernels(weight, k, noise, generator))
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias.detach().expand(k, -1))
-        layer.weight.requires_grad_(weight.requires_grad)
-        if conv.bias is not None:
-            layer.bias.requires_grad_(conv.bias.requires_grad)
-        layer.attention.requires_grad_(weight.requires_grad)
-        layer.train(conv.training)
+        layer.start_from(conv, noise, generator)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

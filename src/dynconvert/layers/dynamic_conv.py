@@ -194,16 +194,22 @@ class DynamicConvNd(nn.Module):
             device=weight.device,
             dtype=weight.dtype,
         )
-        with torch.no_grad():
-            layer.weight.copy_(zero_sum_kernels(weight, k, noise, generator))
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias.detach().expand(k, -1))
-        layer.weight.requires_grad_(weight.requires_grad)
-        if conv.bias is not None:
-            layer.bias.requires_grad_(conv.bias.requires_grad)
-        layer.attention.requires_grad_(weight.requires_grad)
-        layer.train(conv.training)
+        layer.start_from(conv, noise, generator)
         return layer
+
+    @torch.no_grad()
+    def start_from(
+        self, conv: nn.Module, noise: float, generator: torch.Generator | None = None
+    ) -> None:
+        """Copy a trained conv into the K kernels (zero-sum perturbed) and carry its flags."""
+        weight = conv.weight
+        self.weight.copy_(zero_sum_kernels(weight, self.k, noise, generator))
+        if conv.bias is not None:
+            self.bias.copy_(conv.bias.detach().expand(self.k, -1))
+            self.bias.requires_grad_(conv.bias.requires_grad)
+        self.weight.requires_grad_(weight.requires_grad)
+        self.attention.requires_grad_(weight.requires_grad)
+        self.train(conv.training)
 
     @classmethod
     def _class_for(cls, conv: nn.Module) -> type[DynamicConvNd]:
