@@ -18,7 +18,6 @@ The command is three steps (:func:`prepare_model`, an optional ``after_convert``
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from ..convert.config import DEPTHWISE_POLICIES
 from ..errors import DynconvertError
 from ..layers import STRATEGIES
 from .finetune_cmd import finetune_step, pipeline_options, pop_pipeline_flags
+from .params import input_size
 
 # File names that are certainly files, even if missing (timm names never end like this).
 _FILE_SUFFIXES = {".pt", ".pth", ".pkl", ".bin", ".ckpt", ".safetensors", ".tar"}
@@ -43,24 +43,6 @@ CONVERSION_OPTIONS = (
 )  # fmt: skip
 
 AfterConvert = Callable[[nn.Module, Any], nn.Module]
-
-
-class InputSize(click.ParamType):
-    """``224``, ``224,160`` (H,W) or ``3,224,224`` (C,H,W); ``x`` also separates."""
-
-    name = "input_size"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None):
-        if isinstance(value, tuple):
-            return value
-        parts = [p for p in re.split(r"[,x×\s]+", str(value).strip()) if p]
-        try:
-            sizes = tuple(int(p) for p in parts)
-        except ValueError:
-            sizes = ()
-        if not 1 <= len(sizes) <= 3 or any(s < 1 for s in sizes):
-            self.fail(f"expected H, H,W or C,H,W with positive ints, got {value!r}", param, ctx)
-        return sizes
 
 
 def conversion_options(command: Callable) -> Callable:
@@ -85,7 +67,7 @@ def conversion_options(command: Callable) -> Callable:
                      show_default=True, help="What to do with depthwise convs."),
         click.option("--strategy", type=click.Choice(["auto", *STRATEGIES]), default="auto",
                      show_default=True, help="Forward strategy of the dynamic layers."),
-        click.option("--input-size", type=InputSize(), default=None, metavar="[C,]H[,W]",
+        click.option("--input-size", type=input_size(), default=None, metavar="[C,]H[,W]",
                      help="Input size for shapes and MACs (default: the model's)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the kernel perturbation."),

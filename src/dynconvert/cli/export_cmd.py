@@ -9,38 +9,14 @@ sizes 1, 3 and 8 unless ``--no-verify``. ``--format`` may be left out when ``--o
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any
 
 import click
 
 from ..errors import DynconvertError
+from .params import sample_shape
 
 _FORMAT_NAMES = ("pt2", "onnx", "torchscript")
-
-
-class SampleShape(click.ParamType):
-    """One sample's shape without the batch: ``3,224,224`` (C,H,W), ``64,100`` (C,L)..."""
-
-    name = "sample_shape"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None):
-        if isinstance(value, tuple):
-            return value
-        parts = [p for p in re.split(r"[,x×\s]+", str(value).strip()) if p]
-        try:
-            sizes = tuple(int(p) for p in parts)
-        except ValueError:
-            sizes = ()
-        if not 2 <= len(sizes) <= 4 or any(s < 1 for s in sizes):
-            self.fail(
-                f"expected one sample's shape as positive ints, e.g. 3,224,224 (C,H,W); "
-                f"got {value!r}",
-                param,
-                ctx,
-            )
-        return sizes
 
 
 def _format_name(format_name: str | None, out: Path) -> str:
@@ -75,7 +51,7 @@ def _format_name(format_name: str | None, out: Path) -> str:
 )
 @click.option(
     "--input-size",
-    type=SampleShape(),
+    type=sample_shape(),
     default=None,
     metavar="C,H,W",
     help="One sample's shape (default: the timm model's data config).",
