@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -34,7 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from _reference import BatchFoldedConv2d, TimmCondConv, swap_convs
 
-from dynconvert.benchmark import interleaved_times, medians
+from dynconvert.benchmark import interleaved_times, medians, write_results
 from dynconvert.layers import STRATEGIES, DynamicConv2d, autotune, select_strategy
 
 
@@ -231,14 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.time() - started, 1),
         "autotune": autotune.autotune_enabled(),
     }
-    table = markdown(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(f"{table}\n\n{json.dumps(meta)}\n")
-    args.out.with_suffix(".json").write_text(
-        json.dumps({"meta": meta, "results": results}, indent=1)
-    )
-    print(table)
-    print(meta)
+    write_results(args.out, markdown(results), meta, results)
     return 0
 
 

@@ -41,6 +41,7 @@ from dynconvert.benchmark import (
     medians,
     peak_memory_of,
     train_step,
+    write_results,
 )
 
 MODELS = ["resnet50", "mobilenetv2_100", "efficientnet_b0"]
@@ -183,14 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.time() - started, 1),
         "glibc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     }
-    table = markdown(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(f"{table}\n\n{json.dumps(meta)}\n")
-    args.out.with_suffix(".json").write_text(
-        json.dumps({"meta": meta, "results": results}, indent=1)
-    )
-    print(table)
-    print(meta)
+    write_results(args.out, markdown(results), meta, results)
     return 0
 
 

@@ -246,3 +246,12 @@ def step_peak_memory(spec: str, variant: str, batch: int, k: int, input_size=Non
 
 if __name__ == "__main__":
     _memory_child(sys.argv[1:])
+
+
+def write_results(out: Path, table: str, meta: dict, results: object) -> None:
+    """Write the Markdown table and run metadata to ``out``, JSON beside it; print both."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"{table}\n\n{json.dumps(meta)}\n")
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(table)
+    print(meta)
