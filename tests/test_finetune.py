@@ -341,7 +341,8 @@ def test_checkpoint_holds_plain_resumable_state(tmp_path):
         assert key in state, key
     assert state["temperature"]["start"] == 5.0 and state["temperature"]["current"] == 1.0
     assert state["teacher"]["enabled"] and state["teacher"]["weight"] == 0.5
-    assert {"torch", "python", "numpy"} <= set(state["rng"])
+    assert len(state["rng"]) == 1  # one process: one RNG state, at index 0 = rank
+    assert {"torch", "python", "numpy"} <= set(state["rng"][0])
     assert all(torch.equal(state["model"][k], v) for k, v in model.state_dict().items())
 
 
@@ -467,11 +468,41 @@ def test_unknown_option_is_named():
         dynconvert.finetune(tiny_model(), tensor_data(), epoch=3)
 
 
-def test_amp_on_cpu_warns_and_trains_in_float32():
-    with pytest.warns(UserWarning, match="amp needs a CUDA device"):
-        dynconvert.finetune(
-            tiny_model(), tensor_data(), epochs=1, batch_size=8, amp="bf16", device="cpu", **QUIET
-        )
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_on_cpu_autocasts_and_keeps_float32_weights(tmp_path, amp):
+    from dynconvert.finetune.precision import AMP_DTYPES, autocast_supported
+
+    dtype = AMP_DTYPES[amp]
+    if not autocast_supported(torch.device("cpu"), dtype):  # older torch: fp16 is CPU-less
+        with pytest.raises(DynconvertError, match=f"amp: {amp} autocast is not supported"):
+            dynconvert.finetune(tiny_model(), tensor_data(), amp=amp, device="cpu", **QUIET)
+        return
+    model = tiny_model()
+    seen: list[torch.dtype] = []
+    hook = model[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    result = dynconvert.finetune(
+        model, tensor_data(), epochs=2, batch_size=8, lr=0.05, amp=amp, device="cpu", **QUIET
+    )
+    hook.remove()
+    assert seen and set(seen) == {dtype}  # the dynamic convs ran in the low precision
+    losses = [row["train_loss"] for row in result.history]
+    assert all(math.isfinite(loss) for loss in losses) and losses[1] < losses[0]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    path = dynconvert.save(model, tmp_path / "amp.pt")
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    assert all(t.dtype == torch.float32 for t in saved.values() if t.is_floating_point())
+    x = tensor_data().tensors[0][:4]
+    with torch.no_grad():
+        assert torch.equal(dynconvert.load(path, model=tiny_model()).eval()(x), model.eval()(x))
+
+
+def test_amp_the_device_cannot_do_is_one_clear_error(monkeypatch):
+    from dynconvert.finetune import precision
+
+    monkeypatch.setattr(precision, "autocast_supported", lambda device, dtype: False)
+    with pytest.raises(DynconvertError, match="amp: fp16 autocast is not supported on cpu") as e:
+        dynconvert.finetune(tiny_model(), tensor_data(), amp="fp16", device="cpu", **QUIET)
+    assert "use amp=bf16" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_folder_data_augmentation_is_the_same_with_and_without_workers(tmp_path):

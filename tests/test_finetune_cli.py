@@ -189,6 +189,7 @@ def test_recipe_values_are_used_and_flags_override_them(tmp_path, capsys, tinyne
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "finetune:\n  epochs: 3\n  batch_size: 2\n  lr: 0.5\n  temperature_start: 9.0\n"
+        "  kernel_lr_scale: 4\n  kernel_grad_scale: 0.5\n"
         f"data:\n  path: {data}\n  input_size: 16\n"
     )
     code, err = run(
@@ -207,9 +208,24 @@ def test_recipe_values_are_used_and_flags_override_them(tmp_path, capsys, tinyne
         "--no-progress",
     )
     assert code == 0, err
-    options = torch.load(tmp_path / "ft.ckpt", weights_only=True)["options"]
+    state = torch.load(tmp_path / "ft.ckpt", weights_only=True)
+    options = state["options"]
     assert (options["epochs"], options["lr"], options["batch_size"]) == (1, 0.01, 2)
     assert options["temperature_start"] == 9.0 and options["input_size"] == 16
+    assert (options["kernel_lr_scale"], options["kernel_grad_scale"]) == (4.0, 0.5)
+    # the K kernels' parameter group starts at lr * kernel_lr_scale, the others at lr
+    initial_lrs = sorted({g["initial_lr"] for g in state["optimizer"]["param_groups"]})
+    assert initial_lrs == pytest.approx([0.01, 0.04])
+
+
+def test_recipe_kernel_lr_scale_is_overridden_by_its_flag(tmp_path, capsys, tinynet):
+    from dynconvert.cli.finetune_cmd import collect_options
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("finetune:\n  kernel_lr_scale: 4\n  kernel_grad_scale: 0.5\n")
+    flags = {"recipe": recipe, "data": tmp_path, "kernel_lr_scale": 2.0, "kernel_grad_scale": None}
+    options, _, _ = collect_options(flags)
+    assert (options["kernel_lr_scale"], options["kernel_grad_scale"]) == (2.0, 0.5)
 
 
 def test_resume_from_another_models_checkpoint_fails_clearly(tmp_path, capsys, tinynet):
@@ -305,6 +321,36 @@ def test_pipeline_convert_finetune_save_in_one_command(tmp_path, capsys):
     assert all(torch.equal(ckpt["model"][k], v) for k, v in model.state_dict().items())
     code, err = run(capsys, "test_resnet", "--no-pretrained", "--epochs", "2", "--out", out)
     assert code == 2 and "--epochs needs --data DIR" in error_line(err)
+
+
+def kernel_counts(path: Path) -> set[int]:
+    """K of every dynamic layer of a saved model."""
+    from dynconvert.layers import DynamicConvNd
+
+    return {
+        m.weight.shape[0] for m in dynconvert.load(path).modules() if isinstance(m, DynamicConvNd)
+    }
+
+
+def test_pipeline_converts_with_the_recipes_convert_section_and_flags_override_it(tmp_path, capsys):
+    data = make_data_dir(tmp_path / "data", per_class=2)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "convert:\n  k: 2\n  noise: 0.0\n  exclude: ['layer2.*']\n  seed: 5\n"
+        "finetune:\n  epochs: 1\n  batch_size: 6\n  seed: 3\n"
+        f"data:\n  path: {data}\n  input_size: 32\n"
+    )
+    common = ["test_resnet", "--no-pretrained", "--recipe", recipe, "--num-classes", "3"]
+    code, err = run(capsys, *common, "--out", tmp_path / "k2.pt", "--no-progress")
+    assert code == 0, err
+    saved = torch.load(tmp_path / "k2.pt", weights_only=True)
+    assert kernel_counts(tmp_path / "k2.pt") == {2}
+    assert saved["config"]["noise"] == 0.0 and saved["config"]["seed"] == 5
+    assert saved["converted"] and not any(n.startswith("layer2.") for n in saved["converted"])
+    assert torch.load(tmp_path / "k2.ckpt", weights_only=True)["options"]["seed"] == 3
+    code, err = run(capsys, *common, "--k", "3", "--out", tmp_path / "k3.pt", "--no-progress")
+    assert code == 0, err
+    assert kernel_counts(tmp_path / "k3.pt") == {3}
 
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

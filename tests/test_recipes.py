@@ -48,6 +48,12 @@ def test_sections_map_to_finetune_options():
     assert recipe.data["path"] == "/data"
 
 
+def test_kernel_lr_and_grad_scales_are_recipe_keys():
+    recipe = validate_recipe({"finetune": {"kernel_lr_scale": 4, "kernel_grad_scale": 0.25}})
+    options = FinetuneOptions.from_kwargs(**recipe.finetune_options())
+    assert (options.kernel_lr_scale, options.kernel_grad_scale) == (4.0, 0.25)
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
@@ -65,6 +71,9 @@ def test_sections_map_to_finetune_options():
         ({"finetune": {"epochs": 0}}, "epochs: expected an int >= 1"),
         ({"finetune": {"optimizer": "rmsprop"}}, "optimizer: expected one of sgd, adamw"),
         ({"convert": {"k": 0}}, "convert.k: expected an int >= 1"),
+        ({"finetune": {"kernel_lr_scale": "x"}}, "finetune.kernel_lr_scale must be number"),
+        ({"finetune": {"kernel_lr_scale": 0}}, "kernel_lr_scale: must be > 0"),
+        ({"finetune": {"kernel_grad_scale": -1}}, "kernel_grad_scale: must be > 0"),
         ({"finetune": [1, 2]}, "section 'finetune' must be a mapping"),
         ([1, 2], "expected a mapping of sections"),
     ],

@@ -31,7 +31,7 @@ from torch import nn
 from ..convert.config import DEPTHWISE_POLICIES
 from ..errors import DynconvertError
 from ..layers import STRATEGIES
-from .finetune_cmd import finetune_step, pipeline_options, pop_pipeline_flags
+from .finetune_cmd import finetune_step, is_main_process, pipeline_options, pop_pipeline_flags
 from .params import input_size
 
 # File names that are certainly files, even if missing (timm names never end like this).
@@ -117,9 +117,21 @@ def _flag(name: str) -> str:
 def convert_kwargs(request: ModelRequest) -> dict[str, Any]:
     """Keyword arguments of :func:`dynconvert.convert` from the CLI options."""
     options = dict(request.options)
-    options["include"] = list(options.get("include") or ()) or None
-    options["exclude"] = list(options.get("exclude") or ()) or None
+    for name in ("include", "exclude"):
+        patterns = options.get(name) or ()
+        options[name] = [patterns] if isinstance(patterns, str) else list(patterns) or None
     return options
+
+
+def apply_recipe_convert(request: ModelRequest, recipe_path: Path) -> None:
+    """The recipe's ``convert`` section fills the conversion options not given as flags
+    (precedence: defaults < recipe < command line, as for the fine-tuning options)."""
+    from ..recipes import load_recipe
+
+    for name, value in load_recipe(recipe_path).convert.items():
+        if name not in request.explicit:
+            is_size = name == "input_size" and value is not None
+            request.options[name] = tuple(value) if is_size else value
 
 
 def _resolve_input_size(size: tuple[int, ...] | None, model: nn.Module) -> tuple[int, ...] | None:
@@ -192,6 +204,8 @@ def write_outputs(prepared: Prepared, out: Path | None, json_path: Path | None) 
     """Print the report, write ``--json``, and save the model to ``--out`` (if given)."""
     import dynconvert
 
+    if not is_main_process():  # under torchrun every rank converts; rank 0 alone writes
+        return
     show_report(prepared.report, json_path)
     if out is None:
         click.echo("dry run: the model was not written")
@@ -270,6 +284,10 @@ def convert_command(
     \b
     dynconvert resnet50 --k 4 --out model.pt
     dynconvert resnet50 --no-pretrained --exclude 'layer4.*' --dry-run
+    dynconvert resnet50 --recipe R.yaml --data DIR --epochs 5 --out model.pt
+
+    With --data or --recipe it also fine-tunes before saving; the recipe's convert section
+    sets the conversion options not given as flags. Under torchrun only rank 0 writes.
     """
     if out is None and not dry_run:
         raise DynconvertError(
@@ -285,5 +303,10 @@ def convert_command(
         options=options,
         explicit=explicit_options(ctx, [*CONVERSION_OPTIONS, "pretrained", "checkpoint"]),
     )
+    if train_flags is not None:
+        if "seed" not in request.explicit:  # the default --seed must not hide finetune.seed
+            train_flags["seed"] = None
+        if train_flags["recipe"] is not None:
+            apply_recipe_convert(request, train_flags["recipe"])
     after = None if train_flags is None else finetune_step(train_flags, None if dry_run else out)
     run_convert(request, out=None if dry_run else out, json_path=json_path, after_convert=after)

@@ -41,7 +41,7 @@ _FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--distill-weight",), {"type": float}),
     (("--label-smoothing",), {"type": float}),
     (("--clip-grad-norm",), {"type": float}),
-    (("--amp",), {"type": click.Choice(["bf16", "fp16"])}),
+    (("--amp",), {"type": click.Choice(["bf16", "fp16"]), "help": "autocast (CUDA, CPU)."}),
     (("--channels-last/--no-channels-last",), {"default": None}),
     (("--device",), {"type": str, "help": "cpu, cuda, cuda:1 (default: auto)."}),
     (("--seed",), {"type": int}),
@@ -150,7 +150,8 @@ def collect_options(flags: dict[str, Any]) -> tuple[dict[str, Any], Any, Path | 
     return options, recipe, Path(data)
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (``RANK``), or a plain process: the one that writes and prints."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -208,7 +209,7 @@ def run_finetune(
         options["teacher"] = original
     options["original"] = original
     result = finetune(model, data, **options)
-    if save and _is_main_process():
+    if save and is_main_process():
         io.save(model, out, report=report)
         click.echo(f"saved {out}", err=True)
     return result

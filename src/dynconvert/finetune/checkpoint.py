@@ -2,8 +2,9 @@
 
 A checkpoint holds only tensors, numbers, strings, lists and dicts: the model, optimizer,
 scheduler and grad-scaler states, the position (epoch, global iteration, batch within the
-epoch), the temperature schedule, the RNG states, the teacher's config, the run's options
-and its history so far.
+epoch), the temperature schedule, the RNG states of every rank (a list indexed by rank,
+gathered to rank 0, which alone writes), the teacher's config, the run's options and its
+history so far.
 """
 
 from __future__ import annotations
@@ -45,8 +46,13 @@ def capture_rng() -> dict[str, Any]:
     return rng
 
 
-def seed_everything(seed: int) -> None:
-    """Seed the torch, Python and NumPy RNGs (dropout, mixup, anything else global)."""
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed the torch, Python and NumPy RNGs (dropout, mixup, anything else global).
+
+    Rank ``r`` of a distributed run uses ``seed + r`` (as timm does), so the ranks draw
+    different dropout masks and mixup mixes; a one-process run uses ``seed`` itself.
+    """
+    seed = (seed + rank) % 2**32  # NumPy takes 32-bit seeds
     torch.manual_seed(seed)
     random.seed(seed)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,14 @@ class DistContext:
         t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
         dist.all_reduce(t)
         return t.tolist()
+
+    def gather_to_main(self, obj: Any) -> list[Any] | None:
+        """Collective: ``[obj of rank 0, obj of rank 1, ...]`` on rank 0, None elsewhere."""
+        if not self.distributed:
+            return [obj]
+        gathered: list[Any] | None = [None] * self.world if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0)
+        return gathered
 
     def barrier(self) -> None:
         if self.distributed:

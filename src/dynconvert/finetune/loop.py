@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import DynconvertError
 from . import checkpoint as ckpt
+from . import precision
 from .data import prepare_data
 from .distributed import init_distributed, wrap_ddp
 from .health import AttentionMonitor, mean_entropy, unused_warnings
@@ -69,12 +70,11 @@ class Trainer:
 
     def _setup_model(self) -> None:
         opts, cuda = self.opts, self.device.type == "cuda"
-        for name in ("amp", "channels_last"):
-            if getattr(opts, name) and not cuda:
-                warnings.warn(f"{name} needs a CUDA device; ignored on {self.device}", stacklevel=3)
-        self.amp_dtype = (
-            {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts.amp) if cuda else None
-        )
+        if opts.channels_last and not cuda:
+            warnings.warn(
+                f"channels_last needs a CUDA device; ignored on {self.device}", stacklevel=3
+            )
+        self.amp_dtype = precision.amp_dtype(opts.amp, self.device)
         self.memory_format = torch.channels_last if opts.channels_last and cuda else None
         teacher = opts.teacher
         if teacher is True or teacher == "original":
@@ -119,7 +119,7 @@ class Trainer:
         self.scheduler = cosine_warmup_scheduler(
             self.optimizer, self.total_iters, warmup, opts.min_lr / opts.lr
         )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.scaler = precision.grad_scaler(self.device, self.amp_dtype)
         t_iters = round((opts.temperature_epochs or opts.epochs) * self.iters_per_epoch)
         self.temperature = TemperatureSchedule(
             opts.temperature_start, opts.temperature_end, t_iters
@@ -146,9 +146,13 @@ class Trainer:
     # -- state (see resume.py) ---------------------------------------------------------
 
     def _save(self) -> None:
-        if self.opts.checkpoint is not None and self.ctx.is_main:
-            ckpt.atomic_save(trainer_state(self), self.opts.checkpoint)
-            self.last_checkpoint = str(self.opts.checkpoint)
+        """Collective: every rank hands rank 0 its RNG states, rank 0 writes."""
+        if self.opts.checkpoint is None:
+            return
+        rng = self.ctx.gather_to_main(ckpt.capture_rng())
+        if self.ctx.is_main:
+            ckpt.atomic_save(trainer_state(self, rng), self.opts.checkpoint)
+        self.last_checkpoint = str(self.opts.checkpoint)
 
     # -- evaluation ---------------------------------------------------------------------
 
@@ -177,9 +181,7 @@ class Trainer:
         return inputs
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return precision.autocast(self.device, self.amp_dtype)
 
     # -- training -----------------------------------------------------------------------
 
@@ -343,7 +345,7 @@ class Trainer:
             restore_trainer(self, opts.resume)
             self.last_checkpoint = str(opts.resume)
         else:
-            ckpt.seed_everything(opts.seed)
+            ckpt.seed_everything(opts.seed, rank=self.ctx.rank)
             if opts.original is not None:
                 self.top1_original = self._evaluate_other(opts.original)
             self.top1_before = self.evaluate(self.model)

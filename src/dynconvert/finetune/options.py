@@ -33,6 +33,9 @@ class FinetuneOptions:
     ``regularizers`` (callables ``model -> scalar``) and ``batch_hook`` (``(x, y) -> (x, y)``)
     are the seams for other regularisers.
 
+    ``amp`` (``'bf16'``/``'fp16'``) autocasts forward passes on CUDA or CPU (``precision.py``;
+    the weights stay float32); ``channels_last`` applies on CUDA only.
+
     ``deterministic`` (default: on for CPU) makes the dynamic layers' ``'auto'`` strategy use
     fixed rules instead of timing, so equal seeds give equal weights, also after a resume.
 

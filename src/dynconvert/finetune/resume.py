@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,8 @@ if TYPE_CHECKING:
 ORDER_OPTIONS = ("batch_size", "seed", "train_subset")
 
 
-def trainer_state(t: Trainer) -> dict[str, Any]:
+def trainer_state(t: Trainer, rng: list[dict[str, Any]]) -> dict[str, Any]:
+    """The checkpoint; ``rng``: the RNG states of every rank, indexed by rank."""
     return {
         "format": ckpt.FORMAT,
         "fingerprint": t.fingerprint,
@@ -38,7 +40,7 @@ def trainer_state(t: Trainer) -> dict[str, Any]:
         "iteration": t.iteration,
         "epoch_sums": list(t.epoch_sums),
         "temperature": {**t.temperature.state_dict(), "current": t.temperature.value(t.iteration)},
-        "rng": ckpt.capture_rng(),
+        "rng": rng,
         "teacher": t.teacher_config,
         "options": t.opts.recipe_dict(),
         "world": t.ctx.world,
@@ -59,10 +61,12 @@ def restore_trainer(t: Trainer, path: str | Path) -> None:
                 f"resume: {path} was written with {key}={saved.get(key)!r}, this run has "
                 f"{getattr(t.opts, key)!r}; use the same value to continue the run"
             )
-    if state["world"] != t.ctx.world:
+    same_world = state["world"] == t.ctx.world
+    if not same_world and state["batch"] != 0:
         raise DynconvertError(
-            f"resume: {path} was written by {state['world']} processes, this run has "
-            f"{t.ctx.world}; resume with the same number of processes"
+            f"resume: {path} was saved mid-epoch by {state['world']} processes, this run has "
+            f"{t.ctx.world}; the rest of that epoch cannot be split anew: resume with "
+            f"{state['world']} processes (or from a checkpoint saved at the end of an epoch)"
         )
     if state["teacher"]["enabled"] != t.teacher_config["enabled"]:
         was = "on" if state["teacher"]["enabled"] else "off"
@@ -79,7 +83,29 @@ def restore_trainer(t: Trainer, path: str | Path) -> None:
     t.epoch_sums = list(state["epoch_sums"])
     t.history = list(state["history"])
     t.top1_original, t.top1_before = state["val_top1_original"], state["val_top1_before"]
-    ckpt.restore_rng(state["rng"])
+    if not same_world:
+        _continue_with_other_world(t, path, state["world"])
+        return
+    rng = state["rng"]
+    ckpt.restore_rng(rng if isinstance(rng, dict) else rng[t.ctx.rank])  # dict: older, one state
+
+
+def _continue_with_other_world(t: Trainer, path: str | Path, saved_world: int) -> None:
+    """Go on from an end-of-epoch checkpoint with another number of processes: the epoch's
+    iterations are counted anew (the schedules follow) and each rank is reseeded, since the
+    saved per-rank RNG states do not map onto the new ranks."""
+    warnings.warn(
+        f"resume: {path} was written by {saved_world} processes, this run has {t.ctx.world}; "
+        f"continuing from epoch {t.epoch + 1} with the iteration count rescaled and the RNGs "
+        "reseeded: the result will differ from an uninterrupted run",
+        stacklevel=4,
+    )
+    t.iteration = t.epoch * t.iters_per_epoch
+    t.scheduler.last_epoch = t.iteration - 1
+    with warnings.catch_warnings():  # "step() before optimizer.step()": no step is skipped
+        warnings.simplefilter("ignore", UserWarning)
+        t.scheduler.step()  # sets the lr of the rescaled iteration
+    ckpt.seed_everything(t.opts.seed + saved_world * (t.epoch + 1), rank=t.ctx.rank)
 
 
 @contextlib.contextmanager
