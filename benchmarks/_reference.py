@@ -4,7 +4,10 @@ Each sample's kernel ``Σ_k a_bk W_k`` is mixed explicitly, and the batch is fol
 channel axis so that one grouped conv with ``groups = B·groups`` applies every sample's own
 kernel (the trick of CondConv and of most dynamic-conv code). Autograd keeps the B mixed
 kernels for backward. The router is the same as dynconvert's (pool → FC → ReLU → FC →
-softmax / T), so the same parameters give the same function.
+softmax / T), so the same parameters give the same function. Padding follows the layer it
+copies: symmetric zero padding inside the conv, an explicit ``F.pad`` for other modes and
+asymmetric pads, and TF 'SAME' (timm's ``Conv2dSame``, the ``tf_*`` models) per input size.
+Depthwise layers need nothing special: ``groups = B·C`` with one input channel per group.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynconvert.layers import DynamicConv2d
+from dynconvert.layers import DynamicConv2d, DynamicConv2dSame
+from dynconvert.layers.conv2d_same import same_pad_amount
 
 
 class BatchFoldedConv2d(nn.Module):
@@ -21,8 +25,9 @@ class BatchFoldedConv2d(nn.Module):
 
     def __init__(self, layer: DynamicConv2d) -> None:
         super().__init__()
-        if layer.padding_mode != "zeros" or layer._resolved.pad is not None:
-            raise ValueError("reference: only symmetric zero padding is implemented")
+        self.tf_same = isinstance(layer, DynamicConv2dSame)
+        self.pad, self.pad_mode = layer._resolved.pad, layer._resolved.pad_mode
+        self.kernel_size = layer.kernel_size
         self.stride, self.padding = layer.stride, layer.conv_padding
         self.dilation, self.groups = layer.dilation, layer.groups
         self.out_channels = layer.out_channels
@@ -40,9 +45,26 @@ class BatchFoldedConv2d(nn.Module):
         logits = self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3)))))
         return torch.softmax(logits / self.temperature, dim=1)
 
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with the padding the conv itself does not apply (the router sees ``x``)."""
+        if self.tf_same:
+            pads = [
+                same_pad_amount(size, k, s, d)
+                for size, k, s, d in zip(
+                    x.shape[2:], self.kernel_size, self.stride, self.dilation, strict=True
+                )
+            ]
+            return F.pad(
+                x, (pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2)
+            )
+        if self.pad is not None:
+            return F.pad(x, self.pad, mode=self.pad_mode)
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, channels = x.shape[:2]
         attn = self.routing(x)
+        x = self.padded(x)
+        batch, channels = x.shape[:2]
         k = self.weight.shape[0]
         kernels = (attn @ self.weight.view(k, -1)).view(-1, *self.weight.shape[2:])
         bias = None if self.bias is None else (attn @ self.bias).flatten()
@@ -83,7 +105,7 @@ class TimmCondConv(nn.Module):
         self.reference = BatchFoldedConv2d(layer)  # only its router is used
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x, self.reference.routing(x))
+        return self.conv(self.reference.padded(x), self.reference.routing(x))
 
 
 def swap_convs(model: nn.Module, factory, skip: set[str] = frozenset()) -> nn.Module:

@@ -13,6 +13,13 @@ stem dynamic, K=4:
     python benchmarks/models.py                          # everything (long on 2 cores)
     python benchmarks/models.py --quick                  # resnet50, 3 rounds, batch 1/8/32
     python benchmarks/models.py --models resnet50 --no-train --rounds 5
+    python benchmarks/models.py --models efficientnet_b0 --quick --input-size 3 96 96  # smoke
+
+Depthwise convs are dynamic too (the batch-folded reference runs them as ``groups = B·C``);
+timm's ``BatchNormAct2d`` stays as it is. ``efficientnet_b0`` and ``mobilenetv2_100`` use
+plain ``Conv2d`` with symmetric padding; the ``tf_*`` ports use ``Conv2dSame``, which both
+dynconvert and the reference pad per input size. ``--lean-backward off`` measures the
+dynconvert variant with autograd keeping the mixed kernels.
 
 Writes ``--out`` (Markdown) and the same path with ``.json``.
 """
@@ -43,6 +50,8 @@ from dynconvert.benchmark import (
     train_step,
     write_results,
 )
+from dynconvert.layers.autotune import autotune_enabled
+from dynconvert.layers.lean_backward import lean_backward_enabled, set_lean_backward
 
 MODELS = ["resnet50", "mobilenetv2_100", "efficientnet_b0"]
 VARIANTS = ["static", "batch-folded", "dynconvert"]
@@ -54,21 +63,22 @@ def build_variants(name: str, k: int) -> tuple[dict[str, torch.nn.Module], float
     return {"static": static, "batch-folded": folded, "dynconvert": dynamic}, seconds
 
 
-def memory_child(name: str, variant: str, batch: int, k: int) -> None:
+def memory_child(name: str, variant: str, batch: int, k: int, input_size=None) -> None:
     models, _ = build_variants(name, k)
     model = models.pop(variant)
     del models
-    x = input_for(model, batch)
+    x = input_for(model, batch, input_size)
     step = train_step(model, x)
     step()  # warm-up: autotune and lazily created state
-    print(json.dumps({"peak_bytes": peak_memory_of(step, x.device)}))
+    peak = peak_memory_of(step, x.device)
+    print(json.dumps({"peak_bytes": peak, "lean_backward": lean_backward_enabled()}))
 
 
 def measure_model(name: str, args: argparse.Namespace) -> dict:
     models, convert_s = build_variants(name, args.k)
     result: dict = {"model": name, "convert_s": convert_s, "eval": {}, "train": None}
     for batch in args.eval_batch:
-        x = input_for(models["static"], batch)
+        x = input_for(models["static"], batch, args.input_size)
         calls = {v: eval_call(m, x) for v, m in models.items()}
         for call in calls.values():  # autotune happens here, outside the timed rounds
             call()
@@ -81,7 +91,7 @@ def measure_model(name: str, args: argparse.Namespace) -> dict:
         print(name, "eval", batch, {v: round(t / times["static"], 2) for v, t in times.items()},
               f"static {times['static'] * 1e3:.0f} ms", flush=True)  # fmt: skip
     if args.train:
-        x = input_for(models["static"], args.train_batch)
+        x = input_for(models["static"], args.train_batch, args.input_size)
         steps = {v: train_step(m, x) for v, m in models.items()}
         samples = interleaved_times(steps, rounds=args.train_rounds, warmup=1)
         times = summary(samples, args.stat)
@@ -91,7 +101,13 @@ def measure_model(name: str, args: argparse.Namespace) -> dict:
         if args.memory:
             for v in models:
                 child = [str(Path(__file__)), "--memory-child", name, v, str(args.train_batch)]
-                memory[v] = run_isolated_script([*child, "--k", str(args.k)])["peak_bytes"]
+                child += ["--k", str(args.k)]
+                if args.input_size:
+                    child += ["--input-size", *map(str, args.input_size)]
+                measured = run_isolated_script(child)
+                if measured["lean_backward"] != lean_backward_enabled():
+                    raise RuntimeError("memory subprocess ran with another lean-backward setting")
+                memory[v] = measured["peak_bytes"]
         result["train"] = {
             "batch": args.train_batch,
             "ms": {v: t * 1e3 for v, t in times.items()},
@@ -145,7 +161,10 @@ def markdown(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=MODELS)
+    parser.add_argument(
+        "--models", nargs="+", default=None, metavar="NAME",
+        help=f"timm names (default: {' '.join(MODELS)}; with --quick: resnet50)",
+    )  # fmt: skip
     parser.add_argument("--eval-batch", nargs="*", type=int, default=[1, 8])
     parser.add_argument("--train-batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7)
@@ -157,17 +176,34 @@ def main(argv: list[str] | None = None) -> int:
         "--stat", choices=["median", "min"], default="median",
         help="summary of the rounds; min resists load from other processes better",
     )  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="resnet50 only, 3 rounds, 2 train")
+    parser.add_argument(
+        "--input-size", nargs=3, type=int, default=None, metavar=("C", "H", "W"),
+        help="per-sample input (default: the model's pretrained_cfg, 3 224 224)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lean-backward", choices=["on", "off"], default=None,
+        help="dynconvert's memory-lean backward (default: DYNCONVERT_LEAN_BACKWARD, else on; "
+        "off: autograd keeps the mixed kernels)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="3 rounds, 2 train rounds; resnet50 unless --models names others",
+    )  # fmt: skip
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "VARIANT", "BATCH"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/models.md"))
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.lean_backward:  # the environment carries it into the memory subprocesses
+        os.environ["DYNCONVERT_LEAN_BACKWARD"] = "1" if args.lean_backward == "on" else "0"
+        set_lean_backward(args.lean_backward == "on")
     if args.memory_child:
         name, variant, batch = args.memory_child
-        memory_child(name, variant, int(batch), args.k)
+        memory_child(name, variant, int(batch), args.k, args.input_size)
         return 0
     if args.quick:
-        args.models, args.rounds, args.train_rounds = ["resnet50"], 3, 2
+        args.rounds, args.train_rounds = 3, 2
+        args.models = args.models or ["resnet50"]
+    args.models = args.models or MODELS
     started = time.time()
     load_before = os.getloadavg()
     results = [measure_model(name, args) for name in args.models]
@@ -180,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_after": os.getloadavg(),
         "rounds": args.rounds,
         "train_rounds": args.train_rounds,
+        "input_size": args.input_size or "pretrained_cfg",
+        "lean_backward": lean_backward_enabled(),
+        "autotune": autotune_enabled(),
         "stat": args.stat,
         "seconds": round(time.time() - started, 1),
         "glibc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},

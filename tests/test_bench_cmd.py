@@ -1,15 +1,20 @@
-"""``dynconvert bench``: runs end to end on a tiny timm model and reports what it measured."""
+"""``dynconvert bench`` and the benchmark helpers: end to end on tiny models, and the baselines
+of ``benchmarks/`` compute the same function as the dynamic layer."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import rel_err
+from timm.layers import Conv2dSame
 
 from dynconvert.benchmark import interleaved_times, static_twin
 from dynconvert.cli import main
-from dynconvert.layers import DynamicConv2d, autotune
+from dynconvert.layers import DynamicConv2d, DynamicConv2dSame, autotune
 
 
 def test_bench_tiny_timm_model_writes_json(tmp_path, capsys, monkeypatch):
@@ -49,3 +54,41 @@ def test_interleaved_times_round_robin():
 def test_bench_unknown_model_is_one_line_error(spec, capsys):
     assert main(["bench", spec, "--no-train"]) != 0
     assert "error:" in capsys.readouterr().err
+
+
+def test_training_step_of_a_converted_efficientnet():
+    """SE blocks apply ``SiLU(inplace=True)`` to a dynamic conv's output (lean backward)."""
+    from dynconvert.benchmark import input_for, load_pair, train_step
+
+    _, dynamic, _ = load_pair("test_efficientnet", 2)
+    assert any(isinstance(m, DynamicConv2d) and m.groups > 1 for m in dynamic.modules())
+    x = input_for(dynamic, 2, (3, 32, 32))
+    before = [p.detach().clone() for p in dynamic.parameters()]
+    train_step(dynamic, x, lr=0.1)()
+    changed = [not torch.equal(p, b) for p, b in zip(dynamic.parameters(), before, strict=True)]
+    assert sum(changed) > len(changed) // 2
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: DynamicConv2d(6, 6, 3, padding=1, groups=6),  # depthwise
+        lambda: DynamicConv2d(4, 6, 3, padding=1, padding_mode="reflect"),
+        lambda: DynamicConv2d(4, 6, 3, stride=2, padding=(1, 2)),
+        lambda: DynamicConv2dSame.from_conv(Conv2dSame(8, 8, 5, stride=2, groups=8), 4),
+    ],
+    ids=["depthwise", "reflect", "asymmetric", "tf-same-depthwise"],
+)
+def test_benchmark_baselines_compute_the_dynamic_layer(make):
+    """benchmarks/_reference.py: batch-folded and timm CondConv2d equal the dynconvert layer."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from _reference import BatchFoldedConv2d, TimmCondConv
+
+    layer = make()
+    with torch.no_grad():
+        layer.attention.fc2.weight.normal_(0, 1.0)
+    x = torch.randn(3, layer.in_channels, 9, 10)
+    with torch.no_grad():
+        ref = layer(x)
+        for baseline in (BatchFoldedConv2d(layer), TimmCondConv(layer)):
+            assert rel_err(baseline(x), ref) <= 1e-5, type(baseline).__name__

@@ -205,6 +205,35 @@ def test_kernel_grad_scale_multiplies_only_the_kernel_updates():
     assert rel_err(four["0.attention.fc1.weight"], one["0.attention.fc1.weight"]) < 1e-5
 
 
+def test_kernel_diff_grad_scale_speeds_up_only_the_kernels_differences():
+    def first_step(diff_scale):
+        model = tiny_model()
+        with torch.no_grad():  # a non-uniform router, so that the K kernels' gradients differ
+            for layer in (model[0], model[3]):
+                layer.attention.fc2.weight.normal_(0, 1, generator=torch.Generator().manual_seed(3))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        dynconvert.finetune(
+            model,
+            tensor_data(8),
+            epochs=1,
+            batch_size=8,
+            lr=0.1,
+            momentum=0.0,
+            weight_decay=0.0,
+            kernel_grad_scale=2.0,
+            kernel_diff_grad_scale=diff_scale,
+            **QUIET,
+        )
+        return {k: v - before[k] for k, v in model.state_dict().items()}
+
+    one, five = first_step(1.0), first_step(5.0)
+    for key in ("0.weight", "3.weight", "3.bias"):
+        mean = one[key].mean(0, keepdim=True)
+        assert (one[key] - mean).abs().max() > 1e-6  # the kernels did move apart
+        assert rel_err(five[key], mean + 5 * (one[key] - mean)) < 1e-5
+    assert rel_err(five["8.weight"], one["8.weight"]) < 1e-5
+
+
 def test_zero_attention_lr_freezes_the_routers_only():
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}

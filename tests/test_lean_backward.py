@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import rel_err
 
 from dynconvert import DynamicConv1d, DynamicConv2d, DynamicConv3d
-from dynconvert.layers import STRATEGIES
+from dynconvert.layers import STRATEGIES, lean_backward
 from dynconvert.layers.lean_backward import LeanDynamicConv, lean_forward
 
 DYNAMIC = {1: DynamicConv1d, 2: DynamicConv2d, 3: DynamicConv3d}
@@ -121,3 +125,124 @@ def test_no_mixed_kernels_saved_for_backward(strategy):
     out = layer(x)
     out.sum().backward()
     assert x.grad is not None and layer.weight.grad is not None
+
+
+# -- the switch: DYNCONVERT_LEAN_BACKWARD=0 / set_lean_backward(False) ----------------------
+
+
+@pytest.fixture
+def lean_switch():
+    """Yields ``set_lean_backward`` and restores the setting the session started with."""
+    enabled = lean_backward.lean_backward_enabled()
+    yield lean_backward.set_lean_backward
+    lean_backward.set_lean_backward(enabled)
+
+
+def _float64_reference(layer, x: torch.Tensor) -> torch.Tensor:
+    """Explicitly mixed kernel per sample, plain autograd, float64."""
+    attn = layer.attention(x)
+    geometry = (layer.stride, layer.padding, layer.dilation, layer.groups)
+    outs = []
+    for b in range(x.shape[0]):
+        kernel = torch.einsum("k,k...->...", attn[b], layer.weight)
+        bias = None if layer.bias is None else attn[b] @ layer.bias
+        outs.append(torch.nn.functional.conv2d(x[b : b + 1], kernel, bias, *geometry))
+    return torch.cat(outs)
+
+
+SWITCH_CASES = [
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, stride=2),
+    dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6),  # depthwise
+    dict(in_channels=4, out_channels=6, kernel_size=1, bias=False),
+]
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "plain"])
+@pytest.mark.parametrize("case", SWITCH_CASES, ids=["3x3s2", "dw", "1x1"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gradients_match_float64_with_the_switch_either_way(lean_switch, lean, case, batch):
+    lean_switch(lean)
+    layer = _layer(2, case).float()
+    ref_layer = _layer(2, case)
+    ref_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(batch, case["in_channels"], 7, 7)
+    x64 = x.double().requires_grad_()
+    ref = _float64_reference(ref_layer, x64)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    names = [s for s in STRATEGIES if batch == 1 or s != "dense"] + ["auto"]
+    for name in names:
+        layer.strategy = name
+        layer.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        out = layer(xg)
+        assert rel_err(out, ref) <= 1e-5, name
+        out.backward(grad.float())
+        assert rel_err(xg.grad, x64.grad) <= 1e-5, (name, "input")
+        for (pname, p), p64 in zip(layer.named_parameters(), ref_layer.parameters(), strict=True):
+            tol = 1e-4 if pname.startswith("attention") else 1e-5  # softmax Jacobian rounding
+            assert rel_err(p.grad, p64.grad) <= tol, (name, pname)
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "loop", "unfold", "auto"])
+def test_switch_changes_which_path_runs(lean_switch, strategy):
+    """On: a LeanDynamicConv node saving no mixed kernels. Off: autograd keeps B·|W| more."""
+    batch = 16
+    layer = DynamicConv2d(32, 32, 3, padding=1, k=4, bias=False, strategy=strategy)
+    x = torch.randn(batch, 32, 6, 6, requires_grad=True)
+    mixed_bytes = batch * layer.weight[0].numel() * 4
+    lean_switch(True)
+    assert type(layer(x).grad_fn).__name__ == "LeanDynamicConvBackward"
+    lean = _saved_bytes(lambda: layer(x))
+    lean_switch(False)
+    assert type(layer(x).grad_fn).__name__ != "LeanDynamicConvBackward"
+    plain = _saved_bytes(lambda: layer(x))
+    assert plain - lean >= mixed_bytes
+    with torch.no_grad():  # where autograd does not record the switch changes nothing
+        lean_switch(True)
+        on = layer(x)
+        lean_switch(False)
+        assert torch.equal(layer(x), on)
+
+
+def test_environment_variable_switches_it_off():
+    code = "from dynconvert.layers import lean_backward as m; print(m.lean_backward_enabled())"
+    env = {**os.environ, "DYNCONVERT_LEAN_BACKWARD": "0"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.stdout.strip() == "False", run.stderr
+
+
+def test_autotune_times_the_backward_that_will_run(lean_switch):
+    """Training-mode choices are cached apart for the lean and the plain backward."""
+    from dynconvert.layers import autotune
+
+    enabled, min_macs = autotune.autotune_enabled(), autotune.MIN_MACS
+    autotune.set_autotune(True, min_macs=0)
+    autotune.clear_cache()
+    try:
+        layer = DynamicConv2d(8, 8, 3, padding=1, k=4)
+        x = torch.randn(2, 8, 6, 6, requires_grad=True)
+        for lean in (True, False):
+            lean_switch(lean)
+            before = autotune.stats()["measurements"]
+            layer(x).sum().backward()
+            assert autotune.stats()["measurements"] > before, lean
+        assert len(autotune.cache()) == 2
+    finally:
+        autotune.set_autotune(enabled, min_macs=min_macs)
+        autotune.clear_cache()
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "loop", "unfold", "dense"])
+def test_in_place_activation_after_the_layer(strategy):
+    """timm's SE blocks run ``SiLU(inplace=True)`` on a conv output; the gradient stays exact."""
+    layer = _layer(2, dict(in_channels=4, out_channels=6, kernel_size=1)).float()
+    layer.strategy = strategy
+    batch = 1 if strategy == "dense" else 3
+    x = torch.randn(batch, 4, 1, 1, requires_grad=True)
+    grads = []
+    for inplace in (True, False):
+        out = torch.nn.functional.silu(layer(x), inplace=inplace)
+        grads.append(torch.autograd.grad(out.square().sum(), [x, *layer.parameters()]))
+    for got, ref in zip(*grads, strict=True):
+        assert rel_err(got, ref) <= 1e-6

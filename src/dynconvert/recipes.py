@@ -55,6 +55,7 @@ FINETUNE_SCHEMA: dict[str, tuple[type, ...]] = {
     "attention_weight_decay": _OPT_NUM,
     "kernel_lr_scale": _NUM,
     "kernel_grad_scale": _NUM,
+    "kernel_diff_grad_scale": _NUM,
     "kernel_diff_decay": _NUM,
     "min_lr": _NUM,
     "warmup_epochs": _NUM,

@@ -34,6 +34,7 @@ _FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--temperature-epochs",), {"type": float}),
     (("--kernel-lr-scale",), {"type": float, "help": "lr factor of the K kernels (try K)."}),
     (("--kernel-grad-scale",), {"type": float, "help": "gradient factor of the K kernels."}),
+    (("--kernel-diff-grad-scale",), {"type": float, "help": "extra factor on their differences."}),
     (("--kernel-diff-decay",), {"type": float, "help": "decay of the kernels' differences."}),
     (("--mixup-alpha",), {"type": float}),
     (("--cutmix-alpha",), {"type": float}),

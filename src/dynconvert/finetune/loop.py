@@ -19,7 +19,13 @@ from . import precision
 from .data import prepare_data
 from .distributed import init_distributed, wrap_ddp
 from .health import AttentionMonitor, mean_entropy, unused_warnings
-from .losses import kernel_difference_penalty, make_mixup, parameter_groups, training_loss
+from .losses import (
+    kernel_difference_penalty,
+    make_mixup,
+    parameter_groups,
+    scale_kernel_gradients,
+    training_loss,
+)
 from .models import check_head, model_num_classes, static_teacher, to_channels_last
 from .options import FinetuneOptions
 from .progress import TrainProgress, health_table, results_table
@@ -224,9 +230,9 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if opts.kernel_grad_scale != 1.0:
-            grads = [p.grad for p in self.kernel_params if p.grad is not None]
-            torch._foreach_mul_(grads, opts.kernel_grad_scale)
+        scale_kernel_gradients(
+            self.kernel_params, opts.kernel_grad_scale, opts.kernel_diff_grad_scale
+        )
         if opts.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), opts.clip_grad_norm)

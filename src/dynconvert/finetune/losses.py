@@ -143,3 +143,20 @@ def kernel_difference_penalty(model: nn.Module) -> torch.Tensor:
     if total is None:
         return torch.zeros(())
     return total
+
+
+@torch.no_grad()
+def scale_kernel_gradients(kernels: list[torch.Tensor], scale: float, diff_scale: float) -> None:
+    """``g_k ← scale · (ḡ + diff_scale · (g_k − ḡ))`` for the ``(K, ...)`` kernel gradients.
+
+    Under uniform attention each of the K kernels gets ``∂L/∂W / K``, so their mean learns K
+    times slower than the static conv did (``scale`` = K restores its pace), and the kernels
+    only move apart where attention is not uniform (``diff_scale`` speeds that up).
+    """
+    grads = [p.grad for p in kernels if p.grad is not None]
+    if diff_scale != 1.0:
+        for grad in grads:
+            mean = grad.mean(dim=0, keepdim=True)
+            grad.sub_(mean).mul_(diff_scale).add_(mean)
+    if scale != 1.0:
+        torch._foreach_mul_(grads, scale)

@@ -28,7 +28,9 @@ class FinetuneOptions:
     ``None`` for ``temperature_start`` leaves the temperature alone. The dynamic layers' K
     kernels train at ``lr * kernel_lr_scale`` (see ``losses.parameter_groups``);
     ``kernel_grad_scale`` multiplies their gradients instead (unlike the lr, it leaves the
-    weight decay's pace alone); ``kernel_diff_decay`` adds
+    weight decay's pace alone); ``kernel_diff_grad_scale`` then multiplies only the part of
+    each kernel's gradient that differs from the K kernels' mean gradient, so that the kernels
+    move apart faster than their mean moves; ``kernel_diff_decay`` adds
     ``kernel_diff_decay/2 · Σ ||W_k − mean W||²`` to the loss.
     ``regularizers`` (callables ``model -> scalar``) and ``batch_hook`` (``(x, y) -> (x, y)``)
     are the seams for other regularisers.
@@ -54,6 +56,7 @@ class FinetuneOptions:
     attention_weight_decay: float | None = None
     kernel_lr_scale: float = 1.0
     kernel_grad_scale: float = 1.0
+    kernel_diff_grad_scale: float = 1.0
     kernel_diff_decay: float = 0.0
     min_lr: float = 0.0
     warmup_epochs: float = 0.0
@@ -134,7 +137,13 @@ class FinetuneOptions:
                 setattr(self, name, [float(v) for v in value])
         if self.amp is not None:
             _choice(self, "amp", AMP_MODES)
-        for name in ("lr", "distill_temperature", "kernel_lr_scale", "kernel_grad_scale"):
+        for name in (
+            "lr",
+            "distill_temperature",
+            "kernel_lr_scale",
+            "kernel_grad_scale",
+            "kernel_diff_grad_scale",
+        ):
             _number(self, name, positive=True)
         for name in (
             "momentum",

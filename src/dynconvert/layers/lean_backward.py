@@ -14,10 +14,15 @@ Backward of ``y_b = conv(x_b, W_b) + c_b`` with ``W_b = Σ_k a_bk W_k``, ``c_b =
   against the recomputed im2col columns (the backward that matches the forward strategy);
 * ``∂L/∂W_k = Σ_b a_bk ∂L/∂W_b`` and ``∂L/∂a_bk = <∂L/∂W_b, W_k> + <∂L/∂c_b, c_k>``;
 * the router's parameters get theirs from ``∂L/∂a`` through ordinary autograd.
+
+It is on by default. ``DYNCONVERT_LEAN_BACKWARD=0`` in the environment, or
+:func:`set_lean_backward` ``(False)``, switches it off: autograd then records the strategies
+themselves and keeps the mixed kernels (more memory; sometimes a faster backward).
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,6 +33,25 @@ from .workspace import scratch
 if TYPE_CHECKING:
     from .dynamic_conv import DynamicConvNd
     from .strategies import Strategy
+
+_enabled: bool = os.environ.get("DYNCONVERT_LEAN_BACKWARD", "1").strip().lower() not in {
+    "0", "false", "no", "off",
+}  # fmt: skip
+
+
+def set_lean_backward(enabled: bool) -> None:
+    """Switch the memory-lean backward on or off (``DYNCONVERT_LEAN_BACKWARD=0``: off).
+
+    Read at each forward, so it applies to every layer from the next call on. Off, autograd
+    saves the ``B`` mixed kernels of each layer for backward, as the batch-folded
+    implementations do.
+    """
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def lean_backward_enabled() -> bool:
+    return _enabled
 
 
 def _fold_backward(ctx, x, mixed, grad_out, need_x, need_mixed):
@@ -132,7 +156,11 @@ class LeanDynamicConv(torch.autograd.Function):
         ctx.backward_kind = backward
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, bias, attn)
-        return strategy(layer, x, attn)
+        out = strategy(layer, x, attn)
+        # A strategy's output may be a view of a tensor made here (grouped, unfold). Autograd
+        # forbids in-place ops on such views of a Function's output, and timm's blocks run
+        # in-place activations on conv outputs; ``detach`` un-marks the view without a copy.
+        return out.detach() if out._is_view() else out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):

@@ -18,7 +18,8 @@ can force a name with ``strategy=``.
 ``'auto'`` measures the eligible strategies once per layer geometry and input shape and
 caches the fastest (``autotune.py``; switch off with ``DYNCONVERT_AUTOTUNE=0``). When
 autograd records, :func:`run_strategy` wraps the strategy in the memory-lean backward
-(``lean_backward.py``), which recomputes the mixed kernels instead of saving them. Large
+(``lean_backward.py``), which recomputes the mixed kernels instead of saving them (switch
+off with ``DYNCONVERT_LEAN_BACKWARD=0`` or ``lean_backward.set_lean_backward``). Large
 temporaries that autograd does not see live in reused buffers (``workspace.py``).
 """
 
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import autotune
-from .lean_backward import backward_kind, lean_forward
+from .lean_backward import backward_kind, lean_backward_enabled, lean_forward
 from .unfold import unfold_conv
 from .workspace import recording, scratch
 
@@ -149,11 +150,17 @@ def run_strategy(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> t
     """The layer's conv output for the padded input ``x`` and attention ``(B, K)``.
 
     While autograd records, every strategy but ``static`` (whose graph holds no mixed
-    kernels, and which export traces) runs under the memory-lean backward.
+    kernels, and which export traces) runs under the memory-lean backward, unless it is
+    switched off (then autograd records the strategy itself).
     """
     name = select_strategy(layer, x)
     strategy = STRATEGIES[name]
-    lean = name != "static" and not _graph_capture() and not torch.compiler.is_compiling()
+    lean = (
+        lean_backward_enabled()
+        and name != "static"
+        and not _graph_capture()
+        and not torch.compiler.is_compiling()
+    )
     if lean and recording(x, layer.weight, attn, layer.bias):
         return lean_forward(layer, x, attn, strategy, backward_kind(layer, name))
     return strategy(layer, x, attn)
