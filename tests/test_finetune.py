@@ -234,6 +234,28 @@ def test_kernel_diff_grad_scale_speeds_up_only_the_kernels_differences():
     assert rel_err(five["8.weight"], one["8.weight"]) < 1e-5
 
 
+def test_kernel_grad_options_leave_a_static_model_trainable():
+    # The CIFAR benchmark fine-tunes the static baseline with the dynamic recipe's options.
+    torch.manual_seed(0)
+    static = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(3)
+    )
+    static(torch.zeros(1, 3, 8, 8))
+    before = [p.detach().clone() for p in static.parameters()]
+    with pytest.warns(UserWarning, match="no dynamic layers"):
+        dynconvert.finetune(
+            static,
+            tensor_data(8),
+            epochs=1,
+            batch_size=8,
+            lr=0.1,
+            kernel_grad_scale=4.0,
+            kernel_diff_grad_scale=10.0,
+            **QUIET,
+        )
+    assert all((p - b).abs().max() > 0 for p, b in zip(static.parameters(), before, strict=True))
+
+
 def test_zero_attention_lr_freezes_the_routers_only():
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}

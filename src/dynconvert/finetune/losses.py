@@ -154,6 +154,8 @@ def scale_kernel_gradients(kernels: list[torch.Tensor], scale: float, diff_scale
     only move apart where attention is not uniform (``diff_scale`` speeds that up).
     """
     grads = [p.grad for p in kernels if p.grad is not None]
+    if not grads:  # a static model (the benchmark's baseline) has no dynamic kernels
+        return
     if diff_scale != 1.0:
         for grad in grads:
             mean = grad.mean(dim=0, keepdim=True)
