@@ -237,9 +237,7 @@ def test_kernel_diff_grad_scale_speeds_up_only_the_kernels_differences():
 def test_kernel_grad_options_leave_a_static_model_trainable():
     # The CIFAR benchmark fine-tunes the static baseline with the dynamic recipe's options.
     torch.manual_seed(0)
-    static = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(3)
-    )
+    static = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(3))
     static(torch.zeros(1, 3, 8, 8))
     before = [p.detach().clone() for p in static.parameters()]
     with pytest.warns(UserWarning, match="no dynamic layers"):
