@@ -55,10 +55,14 @@ def test_second_call_does_not_measure_again():
     assert chosen <= set(STRATEGIES) - {"static", "dense"}
 
 
-def test_batch_one_also_times_dense():
+def test_batch_one_eval_takes_dense_and_training_times_it():
     layer = _layer()
+    x = torch.randn(1, 8, 6, 6)
     with torch.no_grad():
-        layer(torch.randn(1, 8, 6, 6))
+        layer(x)
+        assert select_strategy(layer, x) == "dense"
+    assert autotune.stats()["measurements"] == 0
+    layer(x.clone().requires_grad_())  # training: dense, grouped, loop and unfold are timed
     assert autotune.stats()["measurements"] == 4 * autotune.ROUNDS
 
 
@@ -120,3 +124,20 @@ def test_environment_variable_switches_it_off():
     env = {**os.environ, "DYNCONVERT_AUTOTUNE": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_clearing_the_cache_makes_layers_measure_again():
+    """The per-layer memo of the last choice never outlives the cache it came from."""
+    layer = _layer()
+    x = torch.randn(3, 8, 10, 10)
+    with torch.no_grad():
+        layer(x)
+        measured = autotune.stats()["measurements"]
+        assert measured > 0
+        autotune.clear_cache()
+        layer(x)
+        assert autotune.stats()["measurements"] == measured
+        assert len(autotune.cache()) == 1
+        autotune.set_autotune(False)
+        layer(x)  # switched off: the cost model, not the remembered measurement
+        assert autotune.stats()["lookups"] == 0

@@ -95,6 +95,37 @@ def test_forward_and_backward_match_float64(n, case, batch):
             assert rel_err(p.grad, p64.grad) <= tol, (name, pname)
 
 
+@pytest.mark.parametrize(("n", "case"), GRID)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_eval_forward_matches_float64(n, case, batch, monkeypatch):
+    """Without autograd, and for kernels big enough, the CPU loop mixes each sample's kernel
+    into one reused buffer just before its conv."""
+    from dynconvert.layers import strategies as strategies_module
+
+    streamed = []
+    mix_one = strategies_module._mix_one_into
+    monkeypatch.setattr(
+        strategies_module,
+        "_mix_one_into",
+        lambda *args: streamed.append(1) or mix_one(*args),
+    )
+    x = torch.randn(batch, case["in_channels"], *(SPATIAL[n],) * n)
+    layer = make_layer(n, case, "auto")
+    with torch.no_grad():
+        ref = reference(copy.deepcopy(layer).double(), x.double())
+        for name in strategies(batch):
+            layer.strategy = name
+            assert rel_err(layer(x), ref) <= 1e-5, name
+    assert not streamed  # kernels this small are mixed by one GEMM
+    monkeypatch.setattr(strategies_module, "STREAM_MIX_MIN_BYTES", 0)
+    layer.strategy = "loop"
+    with torch.no_grad():
+        first = layer(x)
+        assert len(streamed) == batch
+        assert rel_err(first, ref) <= 1e-5
+        assert torch.equal(layer(x), first)  # the shared buffer left no trace
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("kernel_size", [1, 3])
@@ -119,8 +150,14 @@ def test_channels_last_inputs(groups, stride, kernel_size):
 
 
 @pytest.mark.parametrize("name", ["grouped", "loop", "unfold"])
-def test_scratch_buffers_never_alias_outputs(name):
+@pytest.mark.parametrize("stream", [False, True])
+def test_scratch_buffers_never_alias_outputs(name, stream, monkeypatch):
     """Consecutive calls share scratch memory; earlier outputs must stay what they were."""
+    from dynconvert.layers import strategies as strategies_module
+
+    # Kernels this small skip the buffers unless told otherwise.
+    monkeypatch.setattr(strategies_module, "SCRATCH_MIN_BYTES", 0)
+    monkeypatch.setattr(strategies_module, "STREAM_MIX_MIN_BYTES", 0 if stream else 2**62)
     layer = make_layer(2, dict(in_channels=4, out_channels=6, kernel_size=3, padding=1), name)
     x1, x2 = torch.randn(2, 4, 7, 7), torch.randn(2, 4, 7, 7)
     with torch.no_grad():
