@@ -92,3 +92,16 @@ def test_benchmark_baselines_compute_the_dynamic_layer(make):
         ref = layer(x)
         for baseline in (BatchFoldedConv2d(layer), TimmCondConv(layer)):
             assert rel_err(baseline(x), ref) <= 1e-5, type(baseline).__name__
+
+
+def test_weight_reorder_benchmark_times_the_same_conv():
+    """benchmarks/weight_reorder.py: the prepacked path computes the plain conv."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import torch.nn.functional as F
+    from weight_reorder import pack, packed_conv
+
+    for k in (1, 3):
+        x, weight = torch.randn(1, 16, 7, 7), torch.randn(32, 16, k, k)
+        with torch.no_grad():
+            got = packed_conv(x, pack(weight, k // 2, [1, 16, 7, 7]), k // 2)
+        assert rel_err(got, F.conv2d(x, weight, padding=k // 2)) <= 1e-5

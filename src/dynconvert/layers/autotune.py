@@ -174,7 +174,7 @@ def measure(
     candidates: Mapping[str, Strategy],
     rounds: int = ROUNDS,
 ) -> dict[str, float]:
-    """Best time (s) of each candidate over ``rounds`` interleaved rounds, after one warm-up.
+    """Best time (s) of each candidate over ``rounds`` interleaved rounds, after warm-up.
 
     The minimum, not the median: other processes only ever add time.
     """
@@ -182,8 +182,13 @@ def measure(
     runners = {name: _runner(layer, x, attn, name, fn, train) for name, fn in candidates.items()}
     times: dict[str, float] = {}
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    for run in runners.values():  # warm-up: allocator, kernels, caches
-        run()
+    # Warm-up, two passes: oneDNN primitives, caches, and glibc's mmap threshold, which only
+    # rises when a larger block is freed. Until then a strategy whose output is a fresh
+    # multi-MB block page-faults on every call (a depthwise grouped conv measured 3 ms, then
+    # 0.27 ms once another candidate had run); a model's many layers settle it at once.
+    for _ in range(2):
+        for run in runners.values():
+            run()
     for _ in range(rounds):
         for name, run in runners.items():
             sync()
