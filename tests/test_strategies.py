@@ -180,7 +180,11 @@ def test_scratch_buffers_never_alias_outputs(name, stream, monkeypatch):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
-def test_bfloat16_runs_every_strategy(n):
+@pytest.mark.parametrize("stream", [False, True])
+def test_bfloat16_runs_every_strategy(n, stream, monkeypatch):
+    from dynconvert.layers import strategies as strategies_module
+
+    monkeypatch.setattr(strategies_module, "STREAM_MIX_MIN_BYTES", 0 if stream else 2**62)
     layer = make_layer(n, dict(in_channels=4, out_channels=6, kernel_size=3, padding=1), "auto")
     x = torch.randn(2, 4, *(SPATIAL[n],) * n)
     expected = reference(copy.deepcopy(layer).double(), x.double())
