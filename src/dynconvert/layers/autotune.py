@@ -205,7 +205,7 @@ def eligible(layer: DynamicConvNd, x: torch.Tensor, strategies: Mapping[str, Str
 
     Eval at batch 1 on CPU takes ``dense`` untimed: its streamed mixing wins by reading the K
     kernels once from memory, which a timing loop over one layer, whose kernels stay in
-    cache, cannot see (resnet50: 1.59x → 1.52x static when every layer runs it).
+    cache, cannot see (docs/performance.md, "What changed at batch 1").
     """
     if x.shape[0] == 1 and x.device.type == "cpu" and not training_mode(layer, x):
         return {"dense": strategies["dense"]}
