@@ -353,6 +353,46 @@ def test_pipeline_converts_with_the_recipes_convert_section_and_flags_override_i
     assert kernel_counts(tmp_path / "k3.pt") == {3}
 
 
+def test_pipeline_takes_weights_from_the_recipes_model_section_only_for_that_model(
+    tmp_path, capsys
+):
+    import timm
+
+    data = make_data_dir(tmp_path / "data", per_class=2)
+    torch.manual_seed(7)
+    torch.save(timm.create_model("test_resnet").state_dict(), tmp_path / "w.pth")
+    stem = torch.load(tmp_path / "w.pth", weights_only=True)["conv1.0.weight"]
+
+    def recipe(name: str) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(
+            f"model:\n  name: {name}\n  weights: {tmp_path / 'w.pth'}\n"
+            "convert:\n  noise: 0.0\n"
+            "finetune:\n  epochs: 1\n  batch_size: 6\n  lr: 1.0e-12\n"
+            f"data:\n  path: {data}\n  input_size: 32\n"
+        )
+        return path
+
+    def stem_after(*args) -> tuple[torch.Tensor, str]:
+        out = tmp_path / "m.pt"
+        code, err = run(capsys, "test_resnet", "--num-classes", "3", "--out", out, "--no-progress",
+                        *args)  # fmt: skip
+        assert code == 0, err
+        return dict(dynconvert.load(out).named_parameters())["conv1.0.weight"], err
+
+    # 1. The recipe names MODEL: its weights are the starting point (lr ~0 keeps them).
+    weight, err = stem_after("--recipe", recipe("test_resnet"))
+    torch.testing.assert_close(weight, stem, atol=1e-6, rtol=0)
+    assert "note:" not in err
+    # 2. --no-pretrained on the command line wins over the recipe's weights.
+    weight, _ = stem_after("--recipe", recipe("test_resnet"), "--no-pretrained")
+    assert (weight - stem).abs().max() > 1e-3
+    # 3. The recipe names another model: its weights are not used, and a note says so.
+    weight, err = stem_after("--recipe", recipe("resnet18"), "--no-pretrained")
+    assert (weight - stem).abs().max() > 1e-3
+    assert "note: MODEL test_resnet replaces the recipe's model.name resnet18" in err
+
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CIFAR_VAL = SHARED / "data" / "cifar10-jpeg" / "val.tar.gz"
 RESNET20 = SHARED / "models" / "cifar10-resnet20-12fca82f.th"

@@ -165,7 +165,7 @@ def test_pipeline_under_torchrun_writes_and_prints_on_rank0_only(tmp_path):
     done = torchrun(
         "-m", "dynconvert", "test_resnet", "--no-pretrained", "--k", "2", "--data", data,
         "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--num-classes", "3",
-        "--out", out, "--no-progress",
+        "--out", out, "--no-progress", "--channels-last",  # a warning on CPU
         env=environment(), log_dir=tmp_path / "logs",
     )  # fmt: skip
     logs = {
@@ -178,7 +178,7 @@ def test_pipeline_under_torchrun_writes_and_prints_on_rank0_only(tmp_path):
     ckpt = torch.load(out_dir / "model.ckpt", weights_only=True)
     assert ckpt["world"] == 2
     assert all(torch.equal(ckpt["model"][k], v) for k, v in model.state_dict().items())
-    for marker in (f"saved {out}", "after fine-tuning", "convs converted"):
+    for marker in (f"saved {out}", "after fine-tuning", "convs converted", "channels_last"):
         assert marker in logs[0], marker
-    for marker in ("saved", "after fine-tuning", "convs converted", "epoch 1"):
+    for marker in ("saved", "after fine-tuning", "convs converted", "epoch 1", "Warning"):
         assert marker not in logs[1], (marker, logs[1][-2000:])

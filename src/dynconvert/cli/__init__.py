@@ -9,8 +9,10 @@ Exit codes: 0 ok, 1 failure, 2 bad usage. Errors are one line; ``--debug`` adds 
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
+import warnings
 from importlib import import_module
 
 import click
@@ -70,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        cli.main(args=argv, prog_name="dynconvert", standalone_mode=False)
+        with warnings.catch_warnings():
+            if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 alone reports
+                warnings.simplefilter("ignore")
+            cli.main(args=argv, prog_name="dynconvert", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:

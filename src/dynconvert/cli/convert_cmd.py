@@ -123,15 +123,39 @@ def convert_kwargs(request: ModelRequest) -> dict[str, Any]:
     return options
 
 
-def apply_recipe_convert(request: ModelRequest, recipe_path: Path) -> None:
-    """The recipe's ``convert`` section fills the conversion options not given as flags
-    (precedence: defaults < recipe < command line, as for the fine-tuning options)."""
+def apply_recipe(request: ModelRequest, recipe_path: Path) -> None:
+    """The recipe fills what the command line left at its defaults (precedence: defaults <
+    recipe < command line, as for the fine-tuning options).
+
+    - ``convert``: the conversion options. A saved MODEL is already converted, so it is
+      not re-converted; a note says so.
+    - ``model``: ``pretrained``, and ``weights`` as ``--checkpoint``, when the recipe names
+      MODEL (or names no model). MODEL on the command line wins over another
+      ``model.name``, and then that model's weights are not used; a note says so.
+    """
     from ..recipes import load_recipe
 
-    for name, value in load_recipe(recipe_path).convert.items():
+    recipe = load_recipe(recipe_path)
+    if is_saved_file(request.model):
+        if recipe.convert and is_main_process():
+            click.echo(f"note: {request.model} is already converted; the recipe's convert "
+                       "section is not applied", err=True)  # fmt: skip
+        return
+    for name, value in recipe.convert.items():
         if name not in request.explicit:
             is_size = name == "input_size" and value is not None
             request.options[name] = tuple(value) if is_size else value
+    named = recipe.model.get("name")
+    if named is not None and named != request.model:
+        if recipe.model.keys() & {"weights", "pretrained"} and is_main_process():
+            click.echo(f"note: MODEL {request.model} replaces the recipe's model.name {named}; "
+                       "its model.weights/pretrained are not used", err=True)  # fmt: skip
+        return
+    if "pretrained" in recipe.model and "pretrained" not in request.explicit:
+        request.pretrained = recipe.model["pretrained"]
+    weights = recipe.model.get("weights")
+    if weights is not None and not request.explicit & {"checkpoint", "pretrained"}:
+        request.checkpoint = Path(weights)
 
 
 def _resolve_input_size(size: tuple[int, ...] | None, model: nn.Module) -> tuple[int, ...] | None:
@@ -287,7 +311,8 @@ def convert_command(
     dynconvert resnet50 --recipe R.yaml --data DIR --epochs 5 --out model.pt
 
     With --data or --recipe it also fine-tunes before saving; the recipe's convert section
-    sets the conversion options not given as flags. Under torchrun only rank 0 writes.
+    sets the conversion options not given as flags, and its model section the weights when
+    it names MODEL. Under torchrun only rank 0 writes.
     """
     if out is None and not dry_run:
         raise DynconvertError(
@@ -307,6 +332,6 @@ def convert_command(
         if "seed" not in request.explicit:  # the default --seed must not hide finetune.seed
             train_flags["seed"] = None
         if train_flags["recipe"] is not None:
-            apply_recipe_convert(request, train_flags["recipe"])
+            apply_recipe(request, train_flags["recipe"])
     after = None if train_flags is None else finetune_step(train_flags, None if dry_run else out)
     run_convert(request, out=None if dry_run else out, json_path=json_path, after_convert=after)

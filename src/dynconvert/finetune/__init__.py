@@ -9,8 +9,10 @@ transforms, resumable seeded sampling), ``losses`` (CE, distillation, param grou
 
 from __future__ import annotations
 
+import os
 import sys
 import types
+import warnings
 from typing import Any
 
 from torch import nn
@@ -35,7 +37,10 @@ def finetune(model: nn.Module, train: Any, val: Any = None, **options: Any) -> F
     trains with DistributedDataParallel; only rank 0 writes files and prints.
     """
     opts = options.pop("options", None) or FinetuneOptions.from_kwargs(**options)
-    return Trainer(model, train, val, opts).run()
+    with warnings.catch_warnings():
+        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 alone reports
+            warnings.simplefilter("ignore")
+        return Trainer(model, train, val, opts).run()
 
 
 __all__ = [
