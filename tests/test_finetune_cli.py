@@ -393,6 +393,24 @@ def test_pipeline_takes_weights_from_the_recipes_model_section_only_for_that_mod
     assert "note: MODEL test_resnet replaces the recipe's model.name resnet18" in err
 
 
+def test_pipeline_on_a_saved_file_does_not_reconvert_and_says_so(tmp_path, capsys):
+    data = make_data_dir(tmp_path / "data", per_class=2)
+    saved = tmp_path / "k2.pt"
+    code, err = run(capsys, "test_resnet", "--no-pretrained", "--k", "2", "--out", saved)
+    assert code == 0, err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "convert:\n  k: 3\nfinetune:\n  epochs: 1\n  batch_size: 6\n"
+        f"data:\n  path: {data}\n  input_size: 32\n"
+    )
+    out = tmp_path / "ft.pt"
+    code, err = run(capsys, saved, "--recipe", recipe, "--num-classes", "3", "--out", out,
+                    "--no-progress")  # fmt: skip
+    assert code == 0, err
+    assert f"note: {saved} is already converted; the recipe's convert section" in err
+    assert kernel_counts(out) == {2}
+
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CIFAR_VAL = SHARED / "data" / "cifar10-jpeg" / "val.tar.gz"
 RESNET20 = SHARED / "models" / "cifar10-resnet20-12fca82f.th"
