@@ -42,12 +42,19 @@ def test_static_twin_computes_the_uniform_router_function():
         assert torch.allclose(twin(x), layer(x), atol=1e-5)
 
 
-def test_interleaved_times_round_robin():
+def test_interleaved_times_calls_each_once_per_round_in_changing_orders():
     order = []
-    calls = {name: (lambda n=name: order.append(n)) for name in "abc"}
-    times = interleaved_times(calls, rounds=2, warmup=1)
-    assert order == list("abc") * 3
-    assert {n: len(t) for n, t in times.items()} == {"a": 2, "b": 2, "c": 2}
+    calls = {name: (lambda n=name: order.append(n)) for name in "abcd"}
+    times = interleaved_times(calls, rounds=6, warmup=1)
+    assert order[:4] == list("abcd")  # the warm-up
+    rounds = [order[i : i + 4] for i in range(4, len(order), 4)]
+    assert len(rounds) == 6 and all(sorted(r) == list("abcd") for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1  # not one fixed order
+    assert {n: len(t) for n, t in times.items()} == dict.fromkeys("abcd", 6)
+    again = []
+    calls = {name: (lambda n=name: again.append(n)) for name in "abcd"}
+    interleaved_times(calls, rounds=6, warmup=1)
+    assert again == order  # seeded: runs are comparable
 
 
 @pytest.mark.parametrize("spec", ["nonexistent_model_xyz"])

@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -35,14 +36,23 @@ def interleaved_times(
     warmup: int = 1,
     sync: Callable[[], None] | None = None,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each candidate, one call each per round, round-robin."""
+    """Seconds per call of each candidate, one call each per round.
+
+    Each round runs the candidates in a new (seeded) random order: a call inherits the cache
+    and allocator state of the one before it (a freed multi-MB block can make the next large
+    allocation page-fault), so a fixed order would charge that to the same candidate every
+    round.
+    """
     sync = sync or (lambda: None)
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in candidates}
+    order = list(candidates.items())
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        for name, fn in candidates.items():
+        shuffle(order)
+        for name, fn in order:
             sync()
             start = time.perf_counter()
             fn()

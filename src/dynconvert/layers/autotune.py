@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -189,8 +190,11 @@ def measure(
     for _ in range(2):
         for run in runners.values():
             run()
+    order = list(runners.items())
+    shuffle = random.Random(0).shuffle  # no candidate always runs after the same one
     for _ in range(rounds):
-        for name, run in runners.items():
+        shuffle(order)
+        for name, run in order:
             sync()
             start = time.perf_counter()
             run()
