@@ -37,8 +37,8 @@ def test_second_call_does_not_measure_again():
     with torch.no_grad():
         layer(x)
         first = autotune.stats()["measurements"]
-        # grouped, loop, unfold: each timed ROUNDS times
-        assert first == 3 * autotune.ROUNDS
+        # grouped, loop, unfold: each timed ROUNDS times, CALLS_PER_SAMPLE calls each
+        assert first == 3 * autotune.ROUNDS * autotune.CALLS_PER_SAMPLE
         layer(x)
         layer(x + 1)
         assert autotune.stats() == {"measurements": first, "lookups": 2}
@@ -55,6 +55,17 @@ def test_second_call_does_not_measure_again():
     assert chosen <= set(STRATEGIES) - {"static", "dense"}
 
 
+def test_static_is_timed_only_at_batch_2k_and_more_on_small_maps():
+    layer = _layer()  # k=4, 3x3, padding 1: outputs as large as the input map
+    with torch.no_grad():
+        assert "static" not in autotune.eligible(layer, torch.randn(7, 8, 14, 14), STRATEGIES)
+        assert "static" in autotune.eligible(layer, torch.randn(8, 8, 14, 14), STRATEGIES)
+        assert "static" not in autotune.eligible(layer, torch.randn(8, 8, 15, 14), STRATEGIES)
+        autotune.measure(layer, torch.randn(8, 8, 7, 7), torch.full((8, 4), 0.25),
+                         {"static": STRATEGIES["static"]})  # fmt: skip
+        assert autotune.stats()["measurements"] == autotune.ROUNDS * autotune.CALLS_PER_SAMPLE
+
+
 def test_batch_one_eval_takes_dense_and_training_times_it():
     layer = _layer()
     x = torch.randn(1, 8, 6, 6)
@@ -63,7 +74,7 @@ def test_batch_one_eval_takes_dense_and_training_times_it():
         assert select_strategy(layer, x) == "dense"
     assert autotune.stats()["measurements"] == 0
     layer(x.clone().requires_grad_())  # training: dense, grouped, loop and unfold are timed
-    assert autotune.stats()["measurements"] == 4 * autotune.ROUNDS
+    assert autotune.stats()["measurements"] == 4 * autotune.ROUNDS * autotune.CALLS_PER_SAMPLE
 
 
 def test_results_identical_whichever_strategy_runs():

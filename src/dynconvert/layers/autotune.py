@@ -29,8 +29,10 @@ if TYPE_CHECKING:
     from .dynamic_conv import DynamicConvNd
     from .strategies import Strategy
 
-#: Strategies the autotuner never times: ``static`` does K times the work of a conv.
-EXCLUDED = frozenset({"static"})
+#: ``static`` (K convs, outputs mixed) does K times a conv's work and keeps a K times larger
+#: output for backward; it is timed only at batch >= 2K on maps of at most this many
+#: outputs, where it can beat mixing B kernels (ResNet-50 stage 4 1x1 convs in training).
+STATIC_MAX_OUTPUTS = 14 * 14
 
 _enabled: bool = os.environ.get("DYNCONVERT_AUTOTUNE", "1").strip().lower() not in {
     "0", "false", "no", "off",
@@ -39,6 +41,8 @@ _cache: dict[tuple, str] = {}
 _generation = 0
 _stats = {"measurements": 0, "lookups": 0}
 ROUNDS = 3
+#: Back-to-back calls of one candidate per round (see measure()).
+CALLS_PER_SAMPLE = 2
 #: Below this many multiply-adds per call, timing noise exceeds any difference.
 MIN_MACS = 2_000_000
 
@@ -158,7 +162,7 @@ def _runner(
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             ag = attn.detach().requires_grad_(True)
-            if lean_backward_enabled():
+            if lean_backward_enabled() and name != "static":  # as run_strategy does
                 out = lean_forward(layer, xg, ag, fn, backward)
             else:  # time what will run: autograd through the strategy itself
                 out = fn(layer, xg, ag)
@@ -195,12 +199,18 @@ def measure(
     for _ in range(rounds):
         shuffle(order)
         for name, run in order:
-            sync()
-            start = time.perf_counter()
-            run()
-            sync()
-            times[name] = min(times.get(name, math.inf), time.perf_counter() - start)
-            _stats["measurements"] += 1
+            # Back-to-back calls, the best one counts: a single call pays for the blocks
+            # its predecessor freed (its multi-MB outputs may page-fault), which says
+            # nothing about this candidate. In a model's first forward, with the process
+            # still cold, single calls made the tuner pick `loop` for a depthwise conv that
+            # `grouped` runs 1.6x faster (benchmarks/layers.py, mbv2_block at batch 32).
+            for _ in range(CALLS_PER_SAMPLE):
+                sync()
+                start = time.perf_counter()
+                run()
+                sync()
+                times[name] = min(times.get(name, math.inf), time.perf_counter() - start)
+                _stats["measurements"] += 1
     return times
 
 
@@ -213,10 +223,15 @@ def eligible(layer: DynamicConvNd, x: torch.Tensor, strategies: Mapping[str, Str
     """
     if x.shape[0] == 1 and x.device.type == "cpu" and not training_mode(layer, x):
         return {"dense": strategies["dense"]}
+    from .unfold import output_size
+
+    batch = x.shape[0]
+    small_map = math.prod(output_size(layer, tuple(x.shape[2:]))) <= STATIC_MAX_OUTPUTS
+    static_worth_it = batch >= 2 * layer.k and small_map
     return {
         name: fn
         for name, fn in strategies.items()
-        if name not in EXCLUDED and not (name == "dense" and x.shape[0] != 1)
+        if not (name == "dense" and batch != 1) and (name != "static" or static_worth_it)
     }
 
 
