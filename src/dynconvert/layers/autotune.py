@@ -1,9 +1,10 @@
 """Pick the fastest strategy for one layer and input shape: measure once, then remember.
 
 The first ``'auto'`` call of a layer for a given (layer geometry, input shape, memory
-format, device, dtype, mode) times every eligible strategy, interleaved round-robin, and
-caches the fastest. In training mode (autograd records) a candidate is its forward plus the
-memory-lean backward that goes with it (``lean_backward.py``); in eval mode, the forward.
+format, device, dtype, mode) times every eligible strategy, interleaved (a new seeded
+order each round), and caches the fastest. In training mode (autograd records) a
+candidate is its forward plus the memory-lean backward that goes with it
+(``lean_backward.py``); in eval mode, the forward.
 Later calls with the same key only look it up; layers of the same geometry share the entry.
 
 Layers too small to be worth timing (fewer than :data:`MIN_MACS` multiply-adds), runs with
