@@ -9,15 +9,14 @@ Exit codes: 0 ok, 1 failure, 2 bad usage. Errors are one line; ``--debug`` adds 
 
 from __future__ import annotations
 
-import os
 import sys
 import traceback
-import warnings
 from importlib import import_module
 
 import click
 
 from ..errors import DynconvertError
+from ..ranks import warnings_on_main_only
 
 # name -> "module:attribute" of a click.Command; imported only when that command runs.
 _COMMANDS = {
@@ -72,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        with warnings.catch_warnings():
-            if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 alone reports
-                warnings.simplefilter("ignore")
+        with warnings_on_main_only():
             cli.main(args=argv, prog_name="dynconvert", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code

@@ -8,7 +8,6 @@ Precedence: built-in defaults < ``--recipe FILE`` < flags given on the command l
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import click
 from torch import nn
 
 from ..errors import DynconvertError
+from ..ranks import is_main_process
 
 # click option name -> FinetuneOptions field (None: handled by the command itself).
 _FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
@@ -149,11 +149,6 @@ def collect_options(flags: dict[str, Any]) -> tuple[dict[str, Any], Any, Path | 
     if flags.get("num_classes") is None and recipe.model.get("num_classes") is not None:
         flags["num_classes"] = recipe.model["num_classes"]
     return options, recipe, Path(data)
-
-
-def is_main_process() -> bool:
-    """Rank 0 under torchrun (``RANK``), or a plain process: the one that writes and prints."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def run_finetune(

@@ -9,14 +9,13 @@ transforms, resumable seeded sampling), ``losses`` (CE, distillation, param grou
 
 from __future__ import annotations
 
-import os
 import sys
 import types
-import warnings
 from typing import Any
 
 from torch import nn
 
+from ..ranks import warnings_on_main_only
 from .loop import FinetuneResult, Trainer
 from .models import load_user_model, reset_head, static_teacher
 from .options import FinetuneOptions
@@ -37,9 +36,7 @@ def finetune(model: nn.Module, train: Any, val: Any = None, **options: Any) -> F
     trains with DistributedDataParallel; only rank 0 writes files and prints.
     """
     opts = options.pop("options", None) or FinetuneOptions.from_kwargs(**options)
-    with warnings.catch_warnings():
-        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 alone reports
-            warnings.simplefilter("ignore")
+    with warnings_on_main_only():
         return Trainer(model, train, val, opts).run()
 
 
