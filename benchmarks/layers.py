@@ -100,7 +100,7 @@ def _swapped(module: nn.Module, factory) -> nn.Module:
     return swap_convs(copy.deepcopy(module), factory)
 
 
-def candidates(static: nn.Module, batch: int, k: int) -> dict[str, nn.Module]:
+def candidates(static: nn.Module, batch: int, k: int, train: bool) -> dict[str, nn.Module]:
     dyn = dynamicize(static, "auto", k)
     models = {
         "static": static,
@@ -108,8 +108,8 @@ def candidates(static: nn.Module, batch: int, k: int) -> dict[str, nn.Module]:
         "timm": _swapped(dyn, TimmCondConv),
     }
     for name in STRATEGIES:
-        if name == "dense" and batch != 1:
-            continue
+        if (name == "dense" and batch != 1) or (name == "packed" and train):
+            continue  # dense: batch 1 only; packed: inference only (trains as loop)
         forced = copy.deepcopy(dyn)
         for m in forced.modules():
             if isinstance(m, DynamicConv2d):
@@ -181,7 +181,7 @@ def run_cell(
     factory, shape = CELLS[name]
     torch.manual_seed(0)
     static = factory().train(mode == "train")
-    models = candidates(static, batch, k)
+    models = candidates(static, batch, k, mode == "train")
     for m in models.values():
         m.train(mode == "train")
     x = torch.randn(batch, *shape)

@@ -13,9 +13,12 @@ one run (median of ``--rounds``), as ratios to the static conv at the same batch
   (``torch.ops.mkldnn._reorder_convolution_weight`` + ``_convolution_pointwise``).
 
 The gap between the last two is the reorder; "prepacked" is what the per-sample convs would
-cost if the mixed kernels could be written straight into the blocked layout (PyTorch offers
-no way to do that from dense tensors, and mixing prepacked kernels with oneDNN's own tensor
-ops is slower than the reorder it saves).
+cost if the mixed kernels could be written straight into the blocked layout. Two real
+dynamic layers (K=4, router included) follow:
+
+* ``dynconvert loop``: mixes each sample's kernel (plain layout), then ``F.conv2d``;
+* ``dynconvert packed``: mixes each sample's kernel straight into the blocked layout
+  (``layers/prepacked.py``), which is how it gets close to "prepacked".
 
     python benchmarks/weight_reorder.py                 # batch 8, 7 rounds
     python benchmarks/weight_reorder.py --batch 1 32 --rounds 5
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from dynconvert.benchmark import interleaved_times, medians
+from dynconvert.layers import DynamicConv2d
 
 # (out, in, kernel, map): the 3×3 and 1×1 convs of ResNet-50's four stages
 SHAPES = [
@@ -60,6 +64,12 @@ def candidates(out_ch: int, in_ch: int, k: int, size: int, batch: int) -> dict:
     own = torch.randn(batch, out_ch, in_ch, k, k)
     packed = pack(weight, pad, [1, in_ch, size, size])
     samples = [x[b : b + 1] for b in range(batch)]
+    layers = {}
+    for strategy in ("loop", "packed"):
+        layers[strategy] = DynamicConv2d(in_ch, out_ch, k, padding=pad, bias=False, k=4,
+                                         strategy=strategy).eval()  # fmt: skip
+        with torch.no_grad():
+            layers[strategy](x)  # packs the kernels once (packed)
 
     return {
         "static": lambda: F.conv2d(x, weight, None, 1, pad),
@@ -68,6 +78,8 @@ def candidates(out_ch: int, in_ch: int, k: int, size: int, batch: int) -> dict:
         ],
         "per-sample, one kernel": lambda: [F.conv2d(xb, weight, None, 1, pad) for xb in samples],
         "per-sample, prepacked": lambda: [packed_conv(xb, packed, pad) for xb in samples],
+        "dynconvert loop": lambda: layers["loop"](x),
+        "dynconvert packed": lambda: layers["packed"](x),
     }
 
 

@@ -130,7 +130,7 @@ _BACKWARDS = {"fold": _fold_backward, "loop": _loop_backward, "unfold": _unfold_
 
 def backward_kind(layer: DynamicConvNd, strategy_name: str) -> str:
     """The backward that suits a forward strategy: its own data layout, recomputed."""
-    if strategy_name in ("loop", "dense"):
+    if strategy_name in ("loop", "dense", "packed"):
         return "loop"
     if strategy_name == "unfold" and supports_col2im(layer):
         return "unfold"

@@ -11,6 +11,9 @@ can force a name with ``strategy=``.
   its conv, into a cache-resident buffer).
 * ``dense``: batch size 1 only; mix once and run one plain conv.
 * ``unfold``: im2col + batched GEMM (no im2col for 1×1 convs); see ``unfold.py``.
+* ``packed``: ``loop`` with the K kernels kept, and mixed, in oneDNN's blocked layout, so
+  the per-sample convs skip the kernel copy oneDNN makes on every call (CPU inference;
+  elsewhere it runs ``loop``); see ``prepacked.py``.
 * ``static``: export path. Convolution is linear in the kernel, so
   ``conv(x, Σ a_k W_k) = Σ a_k conv(x, W_k)``: one conv with the K kernels stacked on the
   output axis, then a weighted sum. No shape depends on the batch size, so ONNX and
@@ -33,6 +36,7 @@ import torch
 
 from . import autotune
 from .lean_backward import backward_kind, lean_backward_enabled, lean_forward
+from .prepacked import packed_conv
 from .unfold import unfold_conv
 from .workspace import recording, scratch
 
@@ -182,6 +186,7 @@ STRATEGIES: dict[str, Strategy] = {
     "dense": _dense,
     "static": _static,
     "unfold": unfold_conv,
+    "packed": packed_conv,
 }
 
 
@@ -208,9 +213,12 @@ def run_strategy(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> t
     switched off (then autograd records the strategy itself).
     """
     name = select_strategy(layer, x)
+    records = recording(x, layer.weight, attn, layer.bias)
+    if name == "packed" and records:
+        name = "loop"  # the same convs; packing pays only while the kernels stay fixed
     strategy = STRATEGIES[name]
     lean = (
-        recording(x, layer.weight, attn, layer.bias)
+        records
         and lean_backward_enabled()
         and name != "static"
         and not _graph_capture()

@@ -1,0 +1,207 @@
+"""The ``packed`` strategy: per-sample convs whose kernels are mixed in oneDNN's own layout.
+
+On CPU, every ``F.conv2d`` call first copies its plain ``(O, I, kh, kw)`` kernel into
+oneDNN's blocked layout, then convolves. A static conv pays that copy once per batch; B
+per-sample convs, each with its own mixed kernel, pay it B times, and at batch 8 on
+ResNet-50's stage 3–4 shapes that copy, not the lost weight reuse, is most of their extra
+cost (``benchmarks/weight_reorder.py``).
+
+The layout change is a permutation plus zero padding, so it commutes with mixing:
+``Σ_k a_k·pack(W_k) = pack(Σ_k a_k·W_k)``. This strategy packs the K kernels once (per
+weight version and input shape), mixes each sample's kernel directly in the blocked layout
+and hands oneDNN a kernel it uses as is (``torch.ops.mkldnn._convolution_pointwise``, the
+op ``torch.compile`` uses for frozen weights).
+
+It is an inference path: CPU, float32, 2-D convs, autograd not recording. The packed
+kernels cost K times the layer's weight memory until the weights change or :func:`forget`
+drops them; elsewhere (and when oneDNN is missing) the strategy runs ``loop``, which
+computes the same thing with plain kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .workspace import recording
+
+if TYPE_CHECKING:
+    from .dynamic_conv import DynamicConvNd
+
+_packs: weakref.WeakKeyDictionary[DynamicConvNd, dict[tuple, _Pack]] = weakref.WeakKeyDictionary()
+_local = threading.local()
+_stats = {"packs": 0}
+#: Packs kept per layer (one per input shape, the oldest dropped first).
+MAX_PACKS_PER_LAYER = 2
+
+
+@dataclass
+class _Pack:
+    """The K kernels of one layer, in the blocked layout oneDNN wants for one input shape."""
+
+    weight_version: tuple[int, int, int]  # (id, data_ptr, _version): new or edited → repack
+    kernels: torch.Tensor  # (K, n) dense view of the blocked bytes, one row per kernel
+
+
+def _mkldnn_ops_available() -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_convolution_weight  # noqa: B018
+        torch.ops.mkldnn._convolution_pointwise  # noqa: B018
+        torch.ops.mkldnn.data_ptr  # noqa: B018
+        torch.ops.mkldnn._nbytes  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+_AVAILABLE = _mkldnn_ops_available()
+
+
+def available() -> bool:
+    """Whether this PyTorch build has the oneDNN ops ``packed`` needs."""
+    return _AVAILABLE
+
+
+def usable(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> bool:
+    """Whether ``packed`` runs as itself here (else it runs ``loop``)."""
+    return (
+        _AVAILABLE
+        and torch.backends.mkldnn.enabled
+        and layer.dims == 2
+        and x.device.type == "cpu"
+        and x.dtype == layer.weight.dtype == attn.dtype == torch.float32
+        and not recording(x, layer.weight, attn, layer.bias)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _dense_view(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The bytes of an opaque mkldnn tensor as a flat dense tensor (no copy).
+
+    The view does not own the memory: keep ``packed`` alive while it is used.
+    """
+    nbytes = torch.ops.mkldnn._nbytes(packed)
+    raw = (ctypes.c_char * nbytes).from_address(torch.ops.mkldnn.data_ptr(packed))
+    return torch.frombuffer(raw, dtype=dtype)
+
+
+def _conv_args(layer: DynamicConvNd, input_size: tuple[int, ...]) -> tuple:
+    return (
+        list(layer.conv_padding),
+        list(layer.stride),
+        list(layer.dilation),
+        layer.groups,
+        list(input_size),
+    )
+
+
+def _packed_kernels(layer: DynamicConvNd, input_size: tuple[int, ...]) -> torch.Tensor:
+    """The layer's K kernels in blocked layout for ``input_size``, packed once per weight."""
+    weight = layer.weight
+    version = (id(weight), weight.data_ptr(), weight._version)
+    per_layer = _packs.setdefault(layer, {})
+    pack = per_layer.get(input_size)
+    if pack is None or pack.weight_version != version:
+        args = _conv_args(layer, input_size)
+        detached = weight.detach()
+        blocked = [torch.ops.mkldnn._reorder_convolution_weight(w, *args) for w in detached]
+        # One (K, n) block, so that mixing streams over contiguous rows.
+        kernels = torch.stack([_dense_view(b, weight.dtype) for b in blocked])
+        per_layer.pop(input_size, None)
+        while len(per_layer) >= MAX_PACKS_PER_LAYER:  # bounded memory under varying shapes
+            per_layer.pop(next(iter(per_layer)))
+        pack = per_layer[input_size] = _Pack(version, kernels)
+        _stats["packs"] += 1
+    return pack.kernels
+
+
+def _target(layer: DynamicConvNd, input_size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """An mkldnn kernel tensor of the right blocked layout and its dense view.
+
+    Each sample's mixed kernel is written into it before its conv. Layers of one geometry
+    and input shape share it (per thread), as they share one blocked layout.
+    """
+    targets = getattr(_local, "targets", None)
+    if targets is None:
+        targets = _local.targets = {}
+    padding, stride, dilation, groups, _ = _conv_args(layer, input_size)
+    weight = layer.weight
+    key = (
+        weight.shape[1:],
+        weight.dtype,
+        *map(tuple, (padding, stride, dilation)),
+        groups,
+        input_size,
+    )
+    entry = targets.get(key)
+    if entry is None:
+        like = layer.weight.detach()[0]
+        blocked = torch.ops.mkldnn._reorder_convolution_weight(like, *_conv_args(layer, input_size))
+        entry = targets[key] = (blocked, _dense_view(blocked, like.dtype))
+    return entry
+
+
+def packed_conv(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """``y_b = conv(x_b, Σ_k a_bk W_k) + Σ_k a_bk c_k`` with kernels mixed in blocked layout."""
+    from .strategies import STRATEGIES, mix_bias
+
+    if not usable(layer, x, attn):
+        return STRATEGIES["loop"](layer, x, attn)
+    input_size = (1, *x.shape[1:])
+    kernels = _packed_kernels(layer, input_size)
+    target, flat = _target(layer, input_size)
+    bias = mix_bias(layer.bias, attn)
+    padding, stride, dilation, groups = _conv_args(layer, input_size)[:4]
+    # oneDNN hands back channels_last; the result keeps the input's memory format, as
+    # nn.Conv2d's does.
+    outs = []
+    for i, coeffs in enumerate(attn.tolist()):
+        # Streamed mixing straight into the kernel oneDNN will read (see _mix_one_into).
+        torch.mul(kernels[0], coeffs[0], out=flat)
+        for kernel, coeff in zip(kernels[1:], coeffs[1:], strict=True):
+            flat.add_(kernel, alpha=coeff)
+        bias_i = None if bias is None else bias[i]
+        outs.append(
+            torch.ops.mkldnn._convolution_pointwise(
+                x[i : i + 1], target, bias_i, padding, stride, dilation, groups, "none", [], ""
+            )
+        )
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.contiguous(memory_format=_memory_format(x))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def forget(layer: DynamicConvNd | None = None) -> None:
+    """Drop the packed kernels of ``layer`` (of every layer when None) and this thread's targets."""
+    if layer is None:
+        _packs.clear()
+        getattr(_local, "targets", {}).clear()
+    else:
+        _packs.pop(layer, None)
+
+
+def held_bytes() -> int:
+    """Bytes held by packed kernels (all layers)."""
+    return sum(
+        p.kernels.numel() * p.kernels.element_size()
+        for per_layer in list(_packs.values())
+        for p in per_layer.values()
+    )
+
+
+def stats() -> dict[str, int]:
+    """``packs``: how many times a layer's K kernels were packed."""
+    return dict(_stats)
