@@ -132,7 +132,8 @@ def _target(layer: DynamicConvNd, input_size: tuple[int, ...]) -> tuple[torch.Te
     targets = getattr(_local, "targets", None)
     if targets is None:
         targets = _local.targets = {}
-    padding, stride, dilation, groups, _ = _conv_args(layer, input_size)
+    args = _conv_args(layer, input_size)
+    padding, stride, dilation, groups, _ = args
     weight = layer.weight
     key = (
         weight.shape[1:],
@@ -144,14 +145,14 @@ def _target(layer: DynamicConvNd, input_size: tuple[int, ...]) -> tuple[torch.Te
     entry = targets.get(key)
     if entry is None:
         like = layer.weight.detach()[0]
-        blocked = torch.ops.mkldnn._reorder_convolution_weight(like, *_conv_args(layer, input_size))
+        blocked = torch.ops.mkldnn._reorder_convolution_weight(like, *args)
         entry = targets[key] = (blocked, _dense_view(blocked, like.dtype))
     return entry
 
 
 def packed_conv(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """``y_b = conv(x_b, Σ_k a_bk W_k) + Σ_k a_bk c_k`` with kernels mixed in blocked layout."""
-    from .strategies import STRATEGIES, mix_bias
+    from .strategies import STRATEGIES, _mix_one_into, mix_bias
 
     if not usable(layer, x, attn):
         return STRATEGIES["loop"](layer, x, attn)
@@ -164,10 +165,7 @@ def packed_conv(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> to
     # nn.Conv2d's does.
     outs = []
     for i, coeffs in enumerate(attn.tolist()):
-        # Streamed mixing straight into the kernel oneDNN will read (see _mix_one_into).
-        torch.mul(kernels[0], coeffs[0], out=flat)
-        for kernel, coeff in zip(kernels[1:], coeffs[1:], strict=True):
-            flat.add_(kernel, alpha=coeff)
+        _mix_one_into(kernels, coeffs, flat)  # streamed, straight into oneDNN's kernel
         bias_i = None if bias is None else bias[i]
         outs.append(
             torch.ops.mkldnn._convolution_pointwise(
