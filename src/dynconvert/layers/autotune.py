@@ -235,12 +235,12 @@ def eligible(layer: DynamicConvNd, x: torch.Tensor, strategies: Mapping[str, Str
     cache, cannot see (docs/performance.md, "What changed at batch 1"). Only ``packed``,
     which mixes the same way, is timed against it, on large kernels.
     """
+    # `packed` only where it runs as itself (CPU inference), not as its `loop` fallback.
+    packed_runs = prepacked.usable(layer, x, x.new_empty(0))
     if x.shape[0] == 1 and x.device.type == "cpu" and not training_mode(layer, x):
         # `packed` streams its mixing the same way, so timing the two against each other is
         # fair; it pays where its saved kernel copy is large (ResNet-50 stage 3-4).
-        if prepacked.usable(layer, x, x.new_empty(0)) and _kernel_bytes(layer) >= (
-            PACKED_MIN_BYTES_AT_BATCH_1
-        ):
+        if packed_runs and _kernel_bytes(layer) >= PACKED_MIN_BYTES_AT_BATCH_1:
             return {name: strategies[name] for name in ("dense", "packed")}
         return {"dense": strategies["dense"]}
     from .unfold import output_size
@@ -248,8 +248,6 @@ def eligible(layer: DynamicConvNd, x: torch.Tensor, strategies: Mapping[str, Str
     batch = x.shape[0]
     small_map = math.prod(output_size(layer, tuple(x.shape[2:]))) <= STATIC_MAX_OUTPUTS
     static_worth_it = batch >= 2 * layer.k and small_map
-    # `packed` only where it runs as itself (CPU inference), not as its `loop` fallback.
-    packed_runs = prepacked.usable(layer, x, x.new_empty(0))
     return {
         name: fn
         for name, fn in strategies.items()
