@@ -198,3 +198,13 @@ def test_batch_one_eval_times_packed_against_dense_on_large_kernels_only():
         x = torch.randn(1, 256, 7, 7)
         assert set(autotune.eligible(large, x, STRATEGIES)) == {"dense", "packed"}
     assert "packed" not in autotune.eligible(large, x.requires_grad_(), STRATEGIES)
+
+
+def test_a_geometry_onednn_gets_wrong_falls_back_to_loop():
+    """oneDNN's prepacked conv returns garbage here (torch 2.14.1; found by property tests)."""
+    layer = DynamicConv2d(1, 1, (2, 4), stride=(1, 3), padding=1, bias=False, k=1,
+                          strategy="packed")  # fmt: skip
+    x = torch.randn(1, 1, 2, 4)
+    with torch.no_grad():
+        for _ in range(3):
+            assert rel_err(layer(x), reference(copy.deepcopy(layer).double(), x.double())) <= 1e-5

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 _packs: weakref.WeakKeyDictionary[DynamicConvNd, dict[tuple, _Pack]] = weakref.WeakKeyDictionary()
 _local = threading.local()
 _stats = {"packs": 0}
+_verified: dict[tuple, bool] = {}  # geometry → oneDNN's prepacked conv is right for it
 #: Packs kept per layer (one per input shape, the oldest dropped first).
 MAX_PACKS_PER_LAYER = 2
 
@@ -123,6 +124,20 @@ def _packed_kernels(layer: DynamicConvNd, input_size: tuple[int, ...]) -> torch.
     return pack.kernels
 
 
+def _geometry(layer: DynamicConvNd, input_size: tuple[int, ...]) -> tuple:
+    """What the blocked layout depends on: kernel shape, dtype, conv arguments, input shape."""
+    weight = layer.weight
+    return (
+        tuple(weight.shape[1:]),
+        weight.dtype,
+        tuple(layer.conv_padding),
+        tuple(layer.stride),
+        tuple(layer.dilation),
+        layer.groups,
+        input_size,
+    )
+
+
 def _target(layer: DynamicConvNd, input_size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """An mkldnn kernel tensor of the right blocked layout and its dense view.
 
@@ -133,15 +148,7 @@ def _target(layer: DynamicConvNd, input_size: tuple[int, ...]) -> tuple[torch.Te
     if targets is None:
         targets = _local.targets = {}
     args = _conv_args(layer, input_size)
-    padding, stride, dilation, groups, _ = args
-    weight = layer.weight
-    key = (
-        weight.shape[1:],
-        weight.dtype,
-        *map(tuple, (padding, stride, dilation)),
-        groups,
-        input_size,
-    )
+    key = _geometry(layer, input_size)
     entry = targets.get(key)
     if entry is None:
         like = layer.weight.detach()[0]
@@ -150,13 +157,38 @@ def _target(layer: DynamicConvNd, input_size: tuple[int, ...]) -> tuple[torch.Te
     return entry
 
 
+def _geometry_works(layer: DynamicConvNd, x: torch.Tensor, key: tuple) -> bool:
+    """Whether oneDNN's prepacked conv computes ``F.conv2d`` for this geometry (checked once).
+
+    It does not always: for a 1→1 channel (2, 4) kernel with stride (1, 3) and padding 1 on
+    a 2×4 map, torch 2.14.1 returns garbage in one output (found by the property tests), so
+    each new geometry is compared against the plain conv on the layer's first kernel and
+    falls back to ``loop`` if it differs.
+    """
+    verdict = _verified.get(key)
+    if verdict is None:
+        args = _conv_args(layer, key[-1])
+        padding, stride, dilation, groups, _ = args
+        kernel = layer.weight.detach()[0]
+        blocked = torch.ops.mkldnn._reorder_convolution_weight(kernel, *args)
+        probe = x[:1]
+        got = torch.ops.mkldnn._convolution_pointwise(
+            probe, blocked, None, padding, stride, dilation, groups, "none", [], ""
+        )
+        want = layer.conv_fn(probe, kernel, None, layer.stride, layer.conv_padding,
+                             layer.dilation, layer.groups)  # fmt: skip
+        scale = want.abs().max().item() + 1e-12
+        verdict = _verified[key] = bool((got - want).abs().max().item() <= 1e-4 * scale)
+    return verdict
+
+
 def packed_conv(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """``y_b = conv(x_b, Σ_k a_bk W_k) + Σ_k a_bk c_k`` with kernels mixed in blocked layout."""
     from .strategies import STRATEGIES, _mix_one_into, mix_bias
 
-    if not usable(layer, x, attn):
-        return STRATEGIES["loop"](layer, x, attn)
     input_size = (1, *x.shape[1:])
+    if not usable(layer, x, attn) or not _geometry_works(layer, x, _geometry(layer, input_size)):
+        return STRATEGIES["loop"](layer, x, attn)
     kernels = _packed_kernels(layer, input_size)
     target, flat = _target(layer, input_size)
     bias = mix_bias(layer.bias, attn)
@@ -186,6 +218,7 @@ def forget(layer: DynamicConvNd | None = None) -> None:
     """Drop the packed kernels of ``layer`` (of every layer when None) and this thread's targets."""
     if layer is None:
         _packs.clear()
+        _verified.clear()
         getattr(_local, "targets", {}).clear()
     else:
         _packs.pop(layer, None)
