@@ -293,8 +293,8 @@ def main() -> None:
     macs = {"static": count_macs(original), "dynamic": count_macs(dynamic)}
     rows = [
         ("ResNet-20 as given", correct_original, params["static"], macs["static"], None),
-        ("converted, K=4, before fine-tuning", correct_converted, params["dynamic"],
-         macs["dynamic"], None),
+        (f"converted, K={convert_options['k']}, before fine-tuning", correct_converted,
+         params["dynamic"], macs["dynamic"], None),
         (f"static fine-tuned, {args.epochs} ep", correct_static, params["static"],
          macs["static"], static_s),
         (f"dynamic fine-tuned, {args.epochs} ep" + (" (distilled)" if distill else ""),

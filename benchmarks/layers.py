@@ -28,6 +28,8 @@ import copy
 import math
 import os
 import platform
+import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -161,10 +163,19 @@ def auto_choice(model: nn.Module, x: torch.Tensor, train: bool) -> str:
     return "+".join(picks)
 
 
-def _repeat(step: Callable[[], object], times: int) -> Callable[[], None]:
+def _repeat(step: Callable[[], object], times: int, faults: list[int]) -> Callable[[], None]:
+    """``step`` ``times`` times; appends the page faults per call of each sample to ``faults``.
+
+    A minor fault is a page the kernel maps on first touch: glibc hands blocks above its
+    mmap threshold (16–32 MiB outputs here) back to the system on free, so whether a call
+    pays ~1 ms per 6 MB of fresh output depends on what the candidates before it freed.
+    """
+
     def run() -> None:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for _ in range(times):
             step()
+        faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / times)
 
     return run
 
@@ -192,7 +203,8 @@ def run_cell(
     interleaved_times(steps, rounds=0, warmup=2)
     probe = interleaved_times({"static": steps["static"]}, rounds=3, warmup=0)["static"]
     repeats = max(1, min(200, math.ceil(min_sample_ms / 1e3 / min(probe))))
-    repeated = {label: _repeat(step, repeats) for label, step in steps.items()}
+    faults: dict[str, list[int]] = {label: [] for label in steps}
+    repeated = {label: _repeat(step, repeats, faults[label]) for label, step in steps.items()}
     samples = interleaved_times(repeated, rounds=rounds, warmup=0)
     samples = {label: [t / repeats for t in ts] for label, ts in samples.items()}
     times = medians(samples) if stat == "median" else {n: min(v) for n, v in samples.items()}
@@ -216,6 +228,8 @@ def run_cell(
         # auto against a forced copy of its own choice: the same computation, so anything
         # far from 1.00 is measurement noise, not a wrong choice
         "auto_vs_own_choice": times["dc:auto"] / times[own] if own else None,
+        "own_choice": own,
+        "page_faults_per_call": {n: statistics.median(v) for n, v in faults.items() if v},
     }
 
 
@@ -252,10 +266,19 @@ def auto_summary(results: list[dict]) -> str:
     )
     if slow:
         line += ": " + ", ".join(
-            f"{r['cell']} B={r['batch']} {r['mode']} ({r['auto_vs_best']:.2f}× {r['best_forced']})"
-            for r in slow
+            f"{r['cell']} B={r['batch']} {r['mode']} ({_miss(r)})" for r in slow
         )
     return line
+
+
+def _miss(result: dict) -> str:
+    """How far auto is from the best, and the page faults per call of auto, its own pick and
+    the best (see _repeat)."""
+    faults = result.get("page_faults_per_call", {})
+    best, own = result["best_forced"], result.get("own_choice")
+    shown = dict.fromkeys(n for n in ("dc:auto", own, best) if n in faults)
+    counts = ", ".join(f"{n[3:]} {faults[n]:.0f}" for n in shown)
+    return f"{result['auto_vs_best']:.2f}× {best}; page faults per call: {counts}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,3 +112,48 @@ def test_weight_reorder_benchmark_times_the_same_conv():
         with torch.no_grad():
             got = packed_conv(x, pack(weight, k // 2, [1, 16, 7, 7]), k // 2)
         assert rel_err(got, F.conv2d(x, weight, padding=k // 2)) <= 1e-5
+
+
+def test_floor_benchmark_mixings_compute_the_mixed_kernels():
+    """benchmarks/floor.py: both timed mixings write Σ_k a_k·W_k (uniform a) of each layer."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from floor import mixing_only, streamed_mixing_only
+
+    model = torch.nn.Sequential(DynamicConv2d(4, 6, 3), DynamicConv2d(6, 8, 1))
+    want = model[1].weight.detach().mean(0)
+    gemm = mixing_only(model, batch=2)()
+    assert gemm.shape == (2, want.numel())
+    for row in gemm:
+        assert rel_err(row.view_as(want), want) <= 1e-6
+    assert rel_err(streamed_mixing_only(model, batch=2)(), want) <= 1e-6
+
+
+def test_mixing_benchmark_candidates_mix_the_same_kernels():
+    """benchmarks/mixing.py: every timed form computes Σ_k a_bk·W_k (checked for the last b)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import mixing
+
+    n = 3 * mixing.CHUNK + 5  # several slices and a partial one
+    runs = mixing.candidates(n, k=4, batch=8)
+    assert {"streamed", "GEMM, 2 rows", "GEMM, 8 rows", "chunked"} <= set(runs)
+    gen = torch.Generator().manual_seed(0)  # the candidates' own data
+    kernels = torch.randn(4, n, generator=gen)
+    attn = torch.softmax(torch.randn(8, 4, generator=gen), dim=1)
+    want = (attn[-1].double() @ kernels.double()).float()
+    for name, run in runs.items():
+        assert rel_err(run(), want) <= 1e-6, name
+
+
+def test_layers_benchmark_counts_page_faults_and_names_them_in_misses():
+    """benchmarks/layers.py: every candidate gets a page-fault count; a miss names them."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from layers import auto_summary, run_cell
+
+    result = run_cell("dw3x3", batch=1, mode="eval", rounds=1, k=4, min_sample_ms=0.1)
+    faults = result["page_faults_per_call"]
+    assert set(faults) == set(result["ratios"])
+    assert all(v >= 0 for v in faults.values())
+    slow = dict(result, auto_vs_best=1.5, best_forced="dc:grouped")
+    line = auto_summary([slow])
+    assert "1 of 1 cells" in line and "page faults per call: auto" in line
+    assert f"grouped {faults['dc:grouped']:.0f}" in line

@@ -161,9 +161,10 @@ def _geometry_works(layer: DynamicConvNd, x: torch.Tensor, key: tuple) -> bool:
     """Whether oneDNN's prepacked conv computes ``F.conv2d`` for this geometry (checked once).
 
     It does not always: for a 1→1 channel (2, 4) kernel with stride (1, 3) and padding 1 on
-    a 2×4 map, torch 2.14.1 returns garbage in one output (found by the property tests), so
-    each new geometry is compared against the plain conv on the layer's first kernel and
-    falls back to ``loop`` if it differs.
+    a 2×4 map, torch 2.14.1 returns the third of three outputs in place of the second,
+    every time, while the same call with the plain kernel is right (found by the property
+    tests). So each new geometry is compared against the plain conv on the layer's first
+    kernel and the real input, and falls back to ``loop`` if it differs.
     """
     verdict = _verified.get(key)
     if verdict is None:
