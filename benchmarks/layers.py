@@ -274,8 +274,8 @@ def auto_summary(results: list[dict]) -> str:
 def _miss(result: dict) -> str:
     """How far auto is from the best, and the page faults per call of auto, its own pick and
     the best (see _repeat)."""
-    faults = result.get("page_faults_per_call", {})
-    best, own = result["best_forced"], result.get("own_choice")
+    faults = result["page_faults_per_call"]
+    best, own = result["best_forced"], result["own_choice"]
     shown = dict.fromkeys(n for n in ("dc:auto", own, best) if n in faults)
     counts = ", ".join(f"{n[3:]} {faults[n]:.0f}" for n in shown)
     return f"{result['auto_vs_best']:.2f}× {best}; page faults per call: {counts}"

@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
-import statistics
-import time
 
 import torch
 
+from dynconvert.benchmark import interleaved_times, medians
 from dynconvert.layers.strategies import _mix_one_into
 
 # (name, |W| in elements): the ResNet-50 kernels whose mixing costs most
@@ -78,21 +76,6 @@ def candidates(n: int, k: int, batch: int) -> dict:
     return runs
 
 
-def median_ms(runs: dict, rounds: int, flush: torch.Tensor) -> dict[str, float]:
-    """Median ms per call of each run, the caches flushed before each call."""
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    order = list(runs)
-    shuffle = random.Random(0).shuffle
-    for _ in range(rounds + 1):  # the first round warms up
-        shuffle(order)
-        for name in order:
-            flush.fill_(1.0)
-            start = time.perf_counter()
-            runs[name]()
-            samples[name].append(1e3 * (time.perf_counter() - start))
-    return {name: statistics.median(ts[1:]) for name, ts in samples.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[8])
@@ -105,7 +88,8 @@ def main() -> None:
         names = None
         for shape, n in SHAPES.items():
             runs = candidates(n, args.k, batch)
-            ms = median_ms(runs, args.rounds, flush)
+            times = interleaved_times(runs, args.rounds, before=lambda: flush.fill_(1.0))
+            ms = {name: 1e3 * t for name, t in medians(times).items()}
             if names is None:
                 names = list(runs)
                 print(f"\nbatch {batch}: ms to mix one layer's B kernels, median")

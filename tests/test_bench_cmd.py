@@ -57,6 +57,17 @@ def test_interleaved_times_calls_each_once_per_round_in_changing_orders():
     assert again == order  # seeded: runs are comparable
 
 
+def test_interleaved_times_runs_before_ahead_of_each_timed_call_outside_the_timing():
+    import time
+
+    calls = {"a": lambda: None, "b": lambda: None}
+    times = interleaved_times(calls, rounds=3, warmup=1, before=lambda: time.sleep(0.02))
+    assert max(max(t) for t in times.values()) < 0.02  # the sleep is not timed
+    seen = []
+    interleaved_times(calls, rounds=3, warmup=1, before=lambda: seen.append(1))
+    assert len(seen) == 6  # once per timed call, not in the warm-up
+
+
 @pytest.mark.parametrize("spec", ["nonexistent_model_xyz"])
 def test_bench_unknown_model_is_one_line_error(spec, capsys):
     assert main(["bench", spec, "--no-train"]) != 0

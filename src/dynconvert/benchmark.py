@@ -35,15 +35,18 @@ def interleaved_times(
     rounds: int = 5,
     warmup: int = 1,
     sync: Callable[[], None] | None = None,
+    before: Callable[[], None] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each candidate, one call each per round.
 
     Each round runs the candidates in a new (seeded) random order: a call inherits the cache
     and allocator state of the one before it (a freed multi-MB block can make the next large
     allocation page-fault), so a fixed order would charge that to the same candidate every
-    round.
+    round. ``before`` runs ahead of every timed call, outside the timing (e.g. to flush the
+    caches).
     """
     sync = sync or (lambda: None)
+    before = before or (lambda: None)
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
@@ -53,6 +56,7 @@ def interleaved_times(
     for _ in range(rounds):
         shuffle(order)
         for name, fn in order:
+            before()
             sync()
             start = time.perf_counter()
             fn()
