@@ -168,3 +168,25 @@ def test_layers_benchmark_counts_page_faults_and_names_them_in_misses():
     line = auto_summary([slow])
     assert "1 of 1 cells" in line and "page faults per call: auto" in line
     assert f"grouped {faults['dc:grouped']:.0f}" in line
+
+
+def test_cifar_benchmark_reports_each_routers_mean_peak_attention():
+    """benchmarks/cifar10_resnet20.py: per-layer mean of the per-sample max attention."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from cifar10_resnet20 import CifarTensors, max_attention_range
+
+    torch.manual_seed(0)
+    first, second = DynamicConv2d(3, 4, 3, k=4), DynamicConv2d(4, 4, 1, k=4)
+    for param in first.attention.parameters():  # a router that has moved
+        torch.nn.init.normal_(param, std=3.0)
+    model = torch.nn.Sequential(
+        first, second, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10)
+    )
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    data = CifarTensors(images, torch.zeros(6, dtype=torch.long), augment=False)
+    with torch.no_grad():
+        want = first.attention(torch.stack([data[i][0] for i in range(6)])).amax(1).mean()
+    low, high = max_attention_range(model, images)
+    assert low == pytest.approx(0.25, abs=1e-6)  # the untouched router: uniform over K=4
+    assert high == pytest.approx(want.item(), rel=1e-5) and high > 0.3
+    assert not first._forward_hooks and not first.attention._forward_hooks  # hooks removed

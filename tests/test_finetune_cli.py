@@ -56,6 +56,7 @@ def test_user_model_end_to_end_with_plot_checkpoint_and_saved_file(tmp_path, cap
     )
     assert code == 0, err
     assert "after fine-tuning" in err and "attention health" in err
+    assert "routers uniform (mean kernels)" in err  # what the attention adds
     saved = torch.load(out, weights_only=True)
     assert saved["format"] == "dynconvert"
     ckpt = torch.load(tmp_path / "ft.ckpt", weights_only=True)

@@ -18,11 +18,11 @@ from . import checkpoint as ckpt
 from . import precision
 from .data import prepare_data
 from .distributed import init_distributed, wrap_ddp
-from .health import AttentionMonitor, mean_entropy, unused_warnings
+from .health import AttentionMonitor, mean_entropy, unused_warnings, with_uniform_routers
 from .losses import (
     kernel_difference_penalty,
     make_mixup,
-    parameter_groups,
+    make_optimizer,
     scale_kernel_gradients,
     training_loss,
 )
@@ -50,6 +50,8 @@ class FinetuneResult:
     health: dict[str, dict[str, Any]]
     classes: list[str] | None
     checkpoint: str | None
+    #: ``val_top1_after`` with every router forced uniform: what the attention adds.
+    val_top1_uniform: float | None = None
 
 
 class Trainer:
@@ -102,25 +104,7 @@ class Trainer:
         self.fingerprint = ckpt.model_fingerprint(self.model)
         self.iters_per_epoch = math.ceil(len(self.sampler) / opts.batch_size)
         self.total_iters = self.iters_per_epoch * opts.epochs
-        groups = parameter_groups(
-            self.model,
-            opts.lr,
-            opts.weight_decay,
-            opts.attention_lr,
-            opts.attention_weight_decay,
-            opts.kernel_lr_scale,
-        )
-        if not groups:
-            raise DynconvertError("model: no trainable parameters", usage=True)
-        if opts.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(
-                groups,
-                lr=opts.lr,
-                momentum=opts.momentum,
-                nesterov=opts.nesterov and opts.momentum > 0,
-            )
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=opts.lr)
+        self.optimizer = make_optimizer(self.model, opts)
         warmup = round(opts.warmup_epochs * self.iters_per_epoch)
         self.scheduler = cosine_warmup_scheduler(
             self.optimizer, self.total_iters, warmup, opts.min_lr / opts.lr
@@ -370,7 +354,10 @@ class Trainer:
                 self._train_epoch(progress)
                 self._end_epoch(progress)
         after = self.history[-1]["val_top1"] if self.history else None
-        progress.log(results_table(self.top1_original, self.top1_before, after))
+        uniform = None
+        if after is not None and dynamic_layers(self.model):
+            uniform = self.evaluate(with_uniform_routers(self.model))
+        progress.log(results_table(self.top1_original, self.top1_before, after, uniform))
         if self.health:
             progress.log(health_table(self.health))
         for message in unused_warnings(self.health):
@@ -385,6 +372,7 @@ class Trainer:
             self.health,
             self.classes,
             self.last_checkpoint,
+            uniform,
         )
 
     def _evaluate_other(self, model: nn.Module) -> float | None:

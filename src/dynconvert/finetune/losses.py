@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import DynconvertError
 from ..layers import DynamicConvNd
+
+if TYPE_CHECKING:
+    from .options import FinetuneOptions
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float):
@@ -130,6 +135,25 @@ def parameter_groups(
             }
         )
     return out
+
+
+def make_optimizer(model: nn.Module, opts: FinetuneOptions) -> torch.optim.Optimizer:
+    """SGD (Nesterov when asked and momentum > 0) or AdamW over :func:`parameter_groups`."""
+    groups = parameter_groups(
+        model,
+        opts.lr,
+        opts.weight_decay,
+        opts.attention_lr,
+        opts.attention_weight_decay,
+        opts.kernel_lr_scale,
+    )
+    if not groups:
+        raise DynconvertError("model: no trainable parameters", usage=True)
+    if opts.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=opts.lr, momentum=opts.momentum, nesterov=opts.nesterov and opts.momentum > 0
+        )
+    return torch.optim.AdamW(groups, lr=opts.lr)
 
 
 def kernel_difference_penalty(model: nn.Module) -> torch.Tensor:

@@ -83,13 +83,21 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}%"
 
 
-def results_table(original: float | None, before: float | None, after: float | None) -> Table:
+def results_table(
+    original: float | None,
+    before: float | None,
+    after: float | None,
+    uniform: float | None = None,
+) -> Table:
+    """``uniform``: the fine-tuned model with its routers forced uniform (mean kernels)."""
     table = Table(title="validation top-1")
     table.add_column("model")
     table.add_column("val top-1", justify="right")
     table.add_row("original", _pct(original))
     table.add_row("converted, before fine-tuning", _pct(before))
     table.add_row("after fine-tuning", _pct(after))
+    if uniform is not None:
+        table.add_row("  the same, routers uniform (mean kernels)", _pct(uniform))
     return table
 
 
