@@ -328,6 +328,18 @@ def test_uniform_routers_compute_the_mean_kernel_conv_against_float64():
     assert rel_err(layer(x), want) > 1e-3  # and the layer itself routes
 
 
+def test_static_teacher_of_a_tf_same_padded_layer_pads_like_it():
+    """Regression: the teacher of a DynamicConv2dSame used a plain Conv2d without padding."""
+    from timm.layers import Conv2dSame
+
+    from dynconvert.layers import DynamicConv2dSame
+
+    torch.manual_seed(0)
+    model = nn.Sequential(DynamicConv2dSame.from_conv(Conv2dSame(3, 4, 3, stride=2), noise=0.3))
+    x = torch.randn(2, 3, 9, 9)
+    assert rel_err(static_teacher(model)(x), model(x)) < 1e-5  # (2, 4, 5, 5) both
+
+
 def test_static_teacher_computes_the_converted_model_and_distillation_starts_at_zero():
     model = tiny_model().eval()
     model[1] = nn.Identity()  # BatchNorm would differ between train (student) and eval (teacher)

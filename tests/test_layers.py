@@ -8,10 +8,11 @@ import itertools
 import pytest
 import torch
 from conftest import rel_err
+from timm.layers import Conv2dSame
 from torch import nn
 
 from dynconvert import DynamicConv1d, DynamicConv2d, DynamicConv3d, DynamicConvNd
-from dynconvert.layers import STRATEGIES
+from dynconvert.layers import STRATEGIES, DynamicConv2dSame
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 DYNAMIC = {1: DynamicConv1d, 2: DynamicConv2d, 3: DynamicConv3d}
@@ -417,3 +418,27 @@ def test_bad_options():
         DynamicConv2d(4, 4, 3, ratio=0)
     with pytest.raises(ValueError, match="strategy: 'dense' needs batch size 1"):
         DynamicConv2d(4, 4, 3, strategy="dense")(torch.randn(2, 4, 5, 5))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Conv1d(3, 4, 3, padding="same", padding_mode="reflect"),
+        lambda: nn.Conv2d(4, 6, 3, stride=2, groups=2, bias=False),
+        lambda: nn.Conv2d(3, 5, (3, 2), padding=(1, 2), padding_mode="circular"),
+        lambda: nn.Conv3d(2, 4, (1, 3, 3), dilation=(1, 2, 1), padding=1),
+        lambda: Conv2dSame(3, 4, 3, stride=2),
+    ],
+)
+def test_to_conv_inverts_from_conv_in_float64(make):
+    """The mean of the K zero-sum-perturbed kernels is the original conv again, same type."""
+    torch.manual_seed(0)
+    conv = make().double().eval()
+    dynamic = DynamicConv2dSame if isinstance(conv, Conv2dSame) else DynamicConvNd
+    layer = dynamic.from_conv(conv, k=4, noise=0.5)
+    back = layer.to_conv()
+    assert type(back) is type(conv) and not back.training
+    assert back.weight.dtype == torch.float64 and back.weight.device == conv.weight.device
+    x = torch.randn(2, conv.in_channels, *[9] * (conv.weight.dim() - 2), dtype=torch.float64)
+    assert rel_err(back(x), conv(x)) < 1e-12
+    assert rel_err(back(x), layer(x)) < 1e-12

@@ -132,38 +132,13 @@ def static_twin(model: torch.nn.Module) -> torch.nn.Module:
 
     from .layers import DynamicConvNd
 
+    if isinstance(model, DynamicConvNd):
+        return model.to_conv()
     twin = copy.deepcopy(model)
     for name, layer in list(twin.named_modules()):
-        if not isinstance(layer, DynamicConvNd):
-            continue
-        if type(layer).__name__ == "DynamicConv2dSame":
-            from timm.layers import Conv2dSame
-
-            conv_cls = Conv2dSame
-        else:
-            conv_cls = layer.conv_type
-        conv = conv_cls(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            layer.stride,
-            0 if conv_cls is not layer.conv_type else layer.padding,
-            layer.dilation,
-            layer.groups,
-            bias=layer.bias is not None,
-            **({"padding_mode": layer.padding_mode} if conv_cls is layer.conv_type else {}),
-            device=layer.weight.device,
-            dtype=layer.weight.dtype,
-        )
-        with torch.no_grad():
-            conv.weight.copy_(layer.weight.mean(0))
-            if layer.bias is not None:
-                conv.bias.copy_(layer.bias.mean(0))
-        conv.train(layer.training)
-        parent, _, child = name.rpartition(".")
-        if not name:
-            return conv
-        setattr(twin.get_submodule(parent) if parent else twin, child, conv)
+        if isinstance(layer, DynamicConvNd):
+            parent, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent), child, layer.to_conv())
     return twin
 
 

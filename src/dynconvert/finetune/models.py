@@ -79,25 +79,11 @@ def static_teacher(model: nn.Module) -> nn.Module:
         fc2 = module.attention.fc2
         if fc2.weight.count_nonzero() or fc2.bias.count_nonzero():
             continue
-        conv = module.conv_type(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            module.stride,
-            module.padding,
-            module.dilation,
-            module.groups,
-            module.bias is not None,
-            module.padding_mode,
-            device=module.weight.device,
-            dtype=module.weight.dtype,
-        )
-        with torch.no_grad():
-            conv.weight.copy_(module.weight.mean(0))
-            if module.bias is not None:
-                conv.bias.copy_(module.bias.mean(0))
+        if not name:
+            teacher = module.to_conv()
+            break
         parent_name, _, child = name.rpartition(".")
-        setattr(teacher.get_submodule(parent_name) if parent_name else teacher, child, conv)
+        setattr(teacher.get_submodule(parent_name), child, module.to_conv())
     teacher.eval().requires_grad_(False)
     return teacher
 

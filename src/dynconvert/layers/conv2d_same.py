@@ -8,6 +8,8 @@ CVPR 2020), so converting a ``Conv2dSame`` is exact.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,6 +74,21 @@ class DynamicConv2dSame(DynamicConv2d):
         )
         layer.start_from(conv, noise, generator)
         return layer
+
+    def _static_conv(self, **factory: Any) -> nn.Module:
+        from timm.layers import Conv2dSame
+
+        return Conv2dSame(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            0,
+            self.dilation,
+            self.groups,
+            bias=self.bias is not None,
+            **factory,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unbatched = self._check_input(x)

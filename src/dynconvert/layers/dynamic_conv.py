@@ -11,7 +11,7 @@ trained conv was (see :func:`zero_sum_kernels`).
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -196,6 +196,33 @@ class DynamicConvNd(nn.Module):
         )
         layer.start_from(conv, noise, generator)
         return layer
+
+    @torch.no_grad()
+    def to_conv(self) -> nn.Module:
+        """The static conv this layer computes under a uniform router: the mean of its K kernels.
+
+        The inverse of :meth:`from_conv` (the zero-sum perturbation averages out); the
+        conv keeps the layer's device, dtype and train/eval mode.
+        """
+        conv = self._static_conv(device=self.weight.device, dtype=self.weight.dtype)
+        conv.weight.copy_(self.weight.mean(0))
+        if self.bias is not None:
+            conv.bias.copy_(self.bias.mean(0))
+        return conv.train(self.training)
+
+    def _static_conv(self, **factory: Any) -> nn.Module:
+        return self.conv_type(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            **factory,
+        )
 
     @torch.no_grad()
     def start_from(
