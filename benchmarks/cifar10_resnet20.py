@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import dynconvert
-from dynconvert.finetune.health import with_uniform_routers
+from dynconvert.finetune import static_twin
 from dynconvert.layers import DynamicConvNd
 from dynconvert.zoo import CIFAR_MEAN, CIFAR_STD, cifar_resnet20
 
@@ -320,7 +320,7 @@ def main() -> None:
         torch.manual_seed(args.seed)
         dynamic_s = timed_finetune(dynamic, train, dynamic_options)
         correct_dynamic = correct_count(dynamic, x_val, y_val)
-        correct_uniform = correct_count(with_uniform_routers(dynamic), x_val, y_val)
+        correct_uniform = correct_count(static_twin(dynamic), x_val, y_val)
         peak_low, peak_high = max_attention_range(dynamic, x_val[:500])
         if args.save_dynamic:
             dynconvert.save(dynamic, args.save_dynamic, report=report)

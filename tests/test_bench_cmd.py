@@ -12,8 +12,9 @@ import torch
 from conftest import rel_err
 from timm.layers import Conv2dSame
 
-from dynconvert.benchmark import interleaved_times, static_twin
+from dynconvert.benchmark import interleaved_times
 from dynconvert.cli import main
+from dynconvert.finetune import static_twin
 from dynconvert.layers import DynamicConv2d, DynamicConv2dSame, autotune
 
 

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dynconvert
 from dynconvert import DynamicConv2d, DynconvertError
-from dynconvert.finetune import FinetuneOptions, static_teacher
-from dynconvert.finetune.health import AttentionMonitor, unused_warnings, with_uniform_routers
+from dynconvert.finetune import FinetuneOptions, static_teacher, static_twin
+from dynconvert.finetune.health import AttentionMonitor, unused_warnings
 from dynconvert.finetune.losses import kernel_difference_penalty, parameter_groups
 from dynconvert.finetune.schedules import cosine_warmup_factor
 
@@ -309,22 +309,23 @@ def test_result_reports_the_fine_tuned_model_with_uniform_routers():
         model, data, data, epochs=2, lr=0.1, attention_lr=3.0, batch_size=8, **QUIET
     )
     assert model[3].attention.fc2.weight.count_nonzero() > 0  # the routers trained
-    uniform = with_uniform_routers(model).eval()
-    assert uniform[3].attention.fc2.weight.count_nonzero() == 0
-    assert model[3].attention.fc2.weight.count_nonzero() > 0  # the model is left alone
+    uniform = static_twin(model).eval()
+    assert not any(isinstance(m, DynamicConv2d) for m in uniform.modules())
+    assert isinstance(model[3], DynamicConv2d)  # the model is left alone
     x, y = data.tensors
     with torch.no_grad():
         want = 100.0 * (uniform(x).argmax(1) == y).float().mean().item()
     assert result.val_top1_uniform == pytest.approx(want)
 
 
-def test_uniform_routers_compute_the_mean_kernel_conv_against_float64():
+def test_static_twin_of_a_trained_layer_is_its_mean_kernel_conv_against_float64():
     layer = DynamicConv2d(3, 5, 3, padding=1, k=4).double()
     for param in layer.attention.parameters():
         nn.init.normal_(param)  # a router far from uniform
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     want = torch.nn.functional.conv2d(x, layer.weight.mean(0), layer.bias.mean(0), padding=1)
-    assert rel_err(with_uniform_routers(layer)(x), want) < 1e-12
+    assert rel_err(static_twin(layer)(x), want) < 1e-12
+    assert static_teacher(layer) is not layer and isinstance(static_teacher(layer), DynamicConv2d)
     assert rel_err(layer(x), want) > 1e-3  # and the layer itself routes
 
 

@@ -122,26 +122,6 @@ def is_saved_file(spec: str) -> bool:
     return Path(spec).suffix in {".pt", ".pth"} or Path(spec).is_file()
 
 
-def static_twin(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with every dynamic conv replaced by a plain conv of the same geometry.
-
-    Its kernel is the mean of the K kernels (the function a uniform router computes), so the
-    twin is the static model the dynamic one was converted from, at the same cost.
-    """
-    import copy
-
-    from .layers import DynamicConvNd
-
-    if isinstance(model, DynamicConvNd):
-        return model.to_conv()
-    twin = copy.deepcopy(model)
-    for name, layer in list(twin.named_modules()):
-        if isinstance(layer, DynamicConvNd):
-            parent, _, child = name.rpartition(".")
-            setattr(twin.get_submodule(parent), child, layer.to_conv())
-    return twin
-
-
 def load_pair(spec: str, k: int = 4, strategy: str = "auto"):
     """(static model, dynamic model, conversion seconds or None) for a timm name or a file."""
     import copy
@@ -152,6 +132,8 @@ def load_pair(spec: str, k: int = 4, strategy: str = "auto"):
         dynamic = dynconvert.load(spec)
         if strategy != "auto":
             set_strategy(dynamic, strategy)
+        from .finetune.models import static_twin
+
         return static_twin(dynamic), dynamic, None
     from . import convert
     from .models import build_timm_model

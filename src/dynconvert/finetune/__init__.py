@@ -17,7 +17,7 @@ from torch import nn
 
 from ..ranks import warnings_on_main_only
 from .loop import FinetuneResult, Trainer
-from .models import load_user_model, reset_head, static_teacher
+from .models import load_user_model, reset_head, static_teacher, static_twin
 from .options import FinetuneOptions
 
 
@@ -47,6 +47,7 @@ __all__ = [
     "load_user_model",
     "reset_head",
     "static_teacher",
+    "static_twin",
 ]
 
 

@@ -19,21 +19,6 @@ from ..layers import DynamicConvNd
 UNUSED_FRACTION = 0.1  # a kernel below 10% of the uniform share 1/K counts as unused
 
 
-def with_uniform_routers(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose routers give every kernel exactly 1/K.
-
-    Each dynamic layer then computes a plain conv with the mean of its K kernels, so the
-    copy's accuracy against the model's own says what the per-sample attention adds.
-    """
-    import copy
-
-    uniform = copy.deepcopy(model)
-    for module in uniform.modules():
-        if isinstance(module, DynamicConvNd):
-            module.attention.reset_router()
-    return uniform
-
-
 class AttentionMonitor:
     """Collects per-layer attention statistics while it is :meth:`attach`-ed."""
 

@@ -18,7 +18,7 @@ from . import checkpoint as ckpt
 from . import precision
 from .data import prepare_data
 from .distributed import init_distributed, wrap_ddp
-from .health import AttentionMonitor, mean_entropy, unused_warnings, with_uniform_routers
+from .health import AttentionMonitor, mean_entropy, unused_warnings
 from .losses import (
     kernel_difference_penalty,
     make_mixup,
@@ -26,7 +26,7 @@ from .losses import (
     scale_kernel_gradients,
     training_loss,
 )
-from .models import check_head, model_num_classes, static_teacher, to_channels_last
+from .models import check_head, model_num_classes, static_teacher, static_twin, to_channels_last
 from .options import FinetuneOptions
 from .progress import TrainProgress, health_table, results_table
 from .resume import restore_trainer, stop_on_sigint, trainer_state
@@ -356,7 +356,7 @@ class Trainer:
         after = self.history[-1]["val_top1"] if self.history else None
         uniform = None
         if after is not None and dynamic_layers(self.model):
-            uniform = self.evaluate(with_uniform_routers(self.model))
+            uniform = self.evaluate(static_twin(self.model))  # each router uniform
         progress.log(results_table(self.top1_original, self.top1_before, after, uniform))
         if self.health:
             progress.log(health_table(self.health))

@@ -64,6 +64,28 @@ def check_head(model: nn.Module, classes: list[str] | None) -> None:
         )
 
 
+def static_twin(model: nn.Module, *, keep_trained_routers: bool = False) -> nn.Module:
+    """A copy of ``model`` whose dynamic convs are plain convs with the mean of their K kernels.
+
+    Each such conv computes what its layer computes under a uniform router, at the static
+    cost: for a freshly converted model, the model it came from; for a trained one, the
+    function without the per-sample attention. ``keep_trained_routers`` leaves the layers
+    whose router has trained (non-zero logit layer) dynamic.
+    """
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        if not isinstance(module, DynamicConvNd):
+            continue
+        fc2 = module.attention.fc2
+        if keep_trained_routers and (fc2.weight.count_nonzero() or fc2.bias.count_nonzero()):
+            continue
+        if not name:
+            return module.to_conv()
+        parent_name, _, child = name.rpartition(".")
+        setattr(twin.get_submodule(parent_name), child, module.to_conv())
+    return twin
+
+
 def static_teacher(model: nn.Module) -> nn.Module:
     """A frozen static copy of a freshly converted model: the original model it came from.
 
@@ -72,20 +94,7 @@ def static_teacher(model: nn.Module) -> nn.Module:
     that conv replaces it exactly and the teacher costs what the original cost. Layers
     whose router has already trained stay dynamic (and frozen).
     """
-    teacher = copy.deepcopy(model)
-    for name, module in list(teacher.named_modules()):
-        if not isinstance(module, DynamicConvNd):
-            continue
-        fc2 = module.attention.fc2
-        if fc2.weight.count_nonzero() or fc2.bias.count_nonzero():
-            continue
-        if not name:
-            teacher = module.to_conv()
-            break
-        parent_name, _, child = name.rpartition(".")
-        setattr(teacher.get_submodule(parent_name), child, module.to_conv())
-    teacher.eval().requires_grad_(False)
-    return teacher
+    return static_twin(model, keep_trained_routers=True).eval().requires_grad_(False)
 
 
 @torch.no_grad()
