@@ -356,7 +356,9 @@ class Trainer:
         after = self.history[-1]["val_top1"] if self.history else None
         uniform = None
         if after is not None and dynamic_layers(self.model):
+            rng = ckpt.capture_rng()  # the val loader draws a seed; end in the saved state
             uniform = self.evaluate(static_twin(self.model))  # each router uniform
+            ckpt.restore_rng(rng)
         progress.log(results_table(self.top1_original, self.top1_before, after, uniform))
         if self.health:
             progress.log(health_table(self.health))
