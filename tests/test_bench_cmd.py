@@ -191,3 +191,33 @@ def test_cifar_benchmark_reports_each_routers_mean_peak_attention():
     assert low == pytest.approx(0.25, abs=1e-6)  # the untouched router: uniform over K=4
     assert high == pytest.approx(want.item(), rel=1e-5) and high > 0.3
     assert not first._forward_hooks and not first.attention._forward_hooks  # hooks removed
+
+
+def test_tune_in_model_benchmark_picks_eligible_strategies_that_compute_the_same():
+    """benchmarks/tune_in_model.py: in-place picks come from each layer's candidates."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from tune_in_model import pick_in_model, pinned_copy, strategy_inputs
+
+    from dynconvert.layers.strategies import STRATEGIES
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        DynamicConv2d(3, 8, 3, padding=1, padding_mode="reflect"),  # pads before its strategy
+        DynamicConv2d(8, 8, 1),
+    ).eval()
+    x = torch.randn(2, 3, 12, 12)
+    enabled, min_macs = autotune.autotune_enabled(), autotune.MIN_MACS
+    autotune.set_autotune(True, min_macs=0)
+    try:
+        with torch.no_grad():
+            inputs = strategy_inputs(model, x)
+            assert inputs[model[0]].shape == (2, 3, 14, 14)  # reflect-padded by the layer
+            picks = pick_in_model(model, x, rounds=1)
+            for index, layer in enumerate(model):
+                assert picks[index] in autotune.eligible(layer, inputs[layer], STRATEGIES)
+                assert layer.strategy == "auto"  # left as it was
+            pinned = pinned_copy(model, picks)
+            assert [m.strategy for m in pinned] == [picks[0], picks[1]]
+            assert rel_err(pinned(x), model(x)) < 1e-5
+    finally:
+        autotune.set_autotune(enabled, min_macs=min_macs)
