@@ -336,7 +336,7 @@ def main() -> None:
          macs["static"], static_s),
         (f"dynamic fine-tuned, {args.epochs} ep" + (" (distilled)" if distill else ""),
          correct_dynamic, params["dynamic"], macs["dynamic"], dynamic_s),
-        ("  the same, its mean kernels (router forced uniform)", correct_uniform,
+        ("  the same, routers uniform (mean kernels)", correct_uniform,
          params["dynamic"], macs["dynamic"], None),
     ]  # fmt: skip
     rows = [row for row in rows if row[1] is not None]  # --only leaves one model untrained
