@@ -3,6 +3,7 @@ of ``benchmarks/`` compute the same function as the dynamic layer."""
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -191,6 +192,29 @@ def test_cifar_benchmark_reports_each_routers_mean_peak_attention():
     assert low == pytest.approx(0.25, abs=1e-6)  # the untouched router: uniform over K=4
     assert high == pytest.approx(want.item(), rel=1e-5) and high > 0.3
     assert not first._forward_hooks and not first.attention._forward_hooks  # hooks removed
+
+
+def test_cifar_benchmark_from_scratch_gives_each_layer_k_independent_default_init_kernels():
+    """--from-scratch: every dynamic layer's K kernels drawn apart, like nn.Conv2d's own init."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from cifar10_resnet20 import independent_kernels
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(DynamicConv2d(16, 32, 3, k=4), DynamicConv2d(32, 8, 1, k=4))
+    for layer in model:
+        layer.weight.data[:] = layer.weight.data[:1]  # as converted with noise 0: K copies
+    independent_kernels(model, seed=3)
+    for layer in model:
+        w = layer.weight.detach()
+        bound = 1.0 / w[0, 0].numel() ** 0.5  # nn.Conv2d: U(±1/sqrt(fan_in))
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+        assert w.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)
+        flat = w.flatten(1)
+        cos = torch.nn.functional.cosine_similarity(flat[:, None], flat[None], dim=-1)
+        assert cos[~torch.eye(4, dtype=torch.bool)].abs().max() < 0.1  # independent draws
+    again = copy.deepcopy(model)
+    independent_kernels(again, seed=3)
+    assert all(torch.equal(a.weight, b.weight) for a, b in zip(model, again, strict=True))
 
 
 def test_tune_in_model_benchmark_picks_eligible_strategies_that_compute_the_same():
