@@ -1,4 +1,4 @@
-"""Would choosing strategies inside the model beat the layer autotuner? (Issue 6; it did not.)
+"""Would choosing strategies inside the model beat the layer autotuner? (Issue 6: not reliably.)
 
 The autotuner (``dynconvert/layers/autotune.py``) times each layer alone, with its K kernels in
 cache. This script picks each layer's strategy inside the model instead, then A/B-tests both
