@@ -7,6 +7,7 @@ the other tests reuse those files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from torch import nn
 import dynconvert
 from dynconvert import DynconvertError
 from dynconvert.export import FORMATS, TOLERANCE, modes
+from dynconvert.export.verify import compare
 
 FORMAT_NAMES = tuple(FORMATS)
 
@@ -161,6 +163,30 @@ def test_negative_control_grouped_onnx_export_fails(models, tmp_path, monkeypatc
             models("mixed"), tmp_path / "g.onnx", "onnx", input_size=Mixed.input_size, show=False
         )
     assert _leftovers(tmp_path) == []
+
+
+def test_nan_in_the_exported_file_fails_verification(models, tmp_path, monkeypatch):
+    """A file whose outputs are NaN is not written (max() alone would call its error 0)."""
+    fmt = FORMATS["torchscript"]
+
+    def load_nan(path, device):
+        run = fmt.load(path, device)
+        return lambda x: [out.clone().fill_(float("nan")) for out in run(x)]
+
+    monkeypatch.setitem(FORMATS, "torchscript", dataclasses.replace(fmt, load=load_nan))
+    with pytest.raises(DynconvertError, match="non-finite values in the exported output"):
+        dynconvert.export(
+            models("mixed"), tmp_path / "nan.ts", "torchscript", input_size=Mixed.input_size,
+            show=False,
+        )  # fmt: skip
+    assert _leftovers(tmp_path) == []
+
+
+def test_non_finite_reference_is_a_failure_not_a_zero_error():
+    ones, nan = [torch.ones(2, 3)], [torch.tensor([[1.0, float("nan"), 1.0]] * 2)]
+    assert compare(ones, ones) == (0.0, 1.0, None)
+    assert "the model's own output" in compare(ones, nan)[2]
+    assert "the exported output" in compare(nan, ones)[2]
 
 
 def test_fold_bn_export_resnet18(models, tmp_path):

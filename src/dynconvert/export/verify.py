@@ -52,6 +52,11 @@ def compare(
             shapes = f"output shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
             return math.nan, math.nan, shapes
         out, ref = out.detach().cpu().double(), ref.detach().cpu().double()
+        # max() would drop a NaN error (max(0.0, nan) is 0.0), so non-finite values fail here.
+        for values, whose in ((ref, "the model's own output"), (out, "the exported output")):
+            bad = values.numel() - int(torch.isfinite(values).sum())
+            if bad:
+                return math.nan, math.nan, f"{bad} non-finite values in {whose}"
         error = max(error, (out - ref).abs().max().item() if ref.numel() else 0.0)
         scale = max(scale, ref.abs().max().item() if ref.numel() else 0.0)
     return error, scale, None
