@@ -7,6 +7,7 @@ other test_finetune_*.py files.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from dynconvert import DynamicConv2d, DynconvertError
 from dynconvert.finetune import FinetuneOptions, static_teacher, static_twin
 from dynconvert.finetune.health import AttentionMonitor, unused_warnings
 from dynconvert.finetune.losses import kernel_difference_penalty, parameter_groups
-from dynconvert.finetune.schedules import cosine_warmup_factor
+from dynconvert.finetune.schedules import cosine_warmup_factor, dynamic_layers
 
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
 
@@ -475,6 +476,78 @@ def test_resume_refuses_another_models_checkpoint(tmp_path):
             resume=ckpt,
             **QUIET,
         )
+
+
+def _crash_at(iteration: int):
+    class Crash(Exception):
+        pass
+
+    def callback(event):
+        if event["event"] == "step" and event["iteration"] == iteration:
+            raise Crash
+
+    return Crash, callback
+
+
+def test_resume_without_temperature_options_continues_the_saved_schedule(tmp_path):
+    """The schedule is checkpointed state: a resume that leaves the temperature options out
+    anneals to the same end as the uninterrupted run, with the same weights."""
+    opts = dict(epochs=2, batch_size=4, lr=0.05, seed=3, checkpoint_every=1, **QUIET)
+    schedule = dict(temperature_start=5.0, temperature_end=1.0)
+    reference = tiny_model()
+    dynconvert.finetune(reference, tensor_data(16), **schedule, **opts)
+    ckpt = tmp_path / "run.pt"
+    crash, callback = _crash_at(3)  # epoch 1 of 2, temperature still near 4
+    with pytest.raises(crash):
+        dynconvert.finetune(
+            tiny_model(), tensor_data(16), checkpoint=ckpt, callbacks=[callback],
+            **schedule, **opts,
+        )  # fmt: skip
+    assert torch.load(ckpt, weights_only=True)["temperature"]["current"] > 3.0
+    resumed = tiny_model()
+    dynconvert.finetune(resumed, tensor_data(16), checkpoint=ckpt, resume=ckpt, **opts)
+    for layer, ref in zip(dynamic_layers(resumed), dynamic_layers(reference), strict=True):
+        assert layer.temperature == pytest.approx(1.0) == ref.temperature
+    ref = reference.state_dict()
+    for key, value in resumed.state_dict().items():
+        assert (value.double() - ref[key].double()).abs().max() <= 1e-6, key
+
+
+def test_resume_with_another_temperature_schedule_follows_it_and_warns(tmp_path):
+    ckpt = tmp_path / "run.pt"
+    opts = dict(epochs=2, batch_size=4, checkpoint=ckpt, checkpoint_every=1, **QUIET)
+    crash, callback = _crash_at(3)
+    with pytest.raises(crash):
+        dynconvert.finetune(
+            tiny_model(), tensor_data(16), callbacks=[callback], temperature_start=5.0, **opts
+        )
+    model = tiny_model()
+    with pytest.warns(UserWarning, match=r"temperature 5 -> 1 over 8 iterations; this run"):
+        dynconvert.finetune(
+            model, tensor_data(16), resume=ckpt, temperature_start=2.0, temperature_end=0.5,
+            **opts,
+        )  # fmt: skip
+    assert all(layer.temperature == pytest.approx(0.5) for layer in dynamic_layers(model))
+
+
+def test_resume_from_a_file_with_pickled_code_is_one_line_and_runs_nothing(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "x", "payload": Path("x")}, path)  # a class: weights-only refuses it
+    with pytest.raises(DynconvertError) as info:
+        dynconvert.finetune(tiny_model(), tensor_data(), epochs=1, resume=path, **QUIET)
+    message = str(info.value)
+    assert message.startswith("resume: ") and "pickled code" in message
+    assert "\n" not in message and "\x1b" not in message
+
+
+def test_checkpoint_is_written_with_a_normal_file_mode(tmp_path):
+    ckpt = tmp_path / "c.pt"
+    dynconvert.finetune(tiny_model(), tensor_data(8), epochs=1, batch_size=8, checkpoint=ckpt,
+                        **QUIET)  # fmt: skip
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert ckpt.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
 def test_resume_refuses_other_sample_order_and_finished_runs(tmp_path):

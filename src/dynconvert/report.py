@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -162,20 +161,9 @@ class ConversionReport:
         folder = path.parent
         if not folder.is_dir():
             raise DynconvertError(f"cannot write {path}: folder {folder} does not exist")
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        try:
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-        except OSError as exc:
-            raise DynconvertError(f"cannot write {path}: {exc.strerror}") from exc
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from .io.files import atomic_write_text  # io imports this module
+
+        atomic_write_text(json.dumps(self.to_dict(), indent=2) + "\n", path)
         return path
 
     # -- display ------------------------------------------------------------------------

@@ -118,10 +118,8 @@ def bench_command(
         result = _measure(model, batch_size, input_size, k, strategy, rounds, train, memory)
     console.print(_table(result))
     if json_path is not None:
-        from ..io import check_output_path
+        from ..io import atomic_write_text, check_output_path
 
         check_output_path(json_path)
-        tmp = json_path.with_name(f".{json_path.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(json_path)
+        atomic_write_text(json.dumps(result, indent=1), json_path)
         console.print(f"wrote {json_path}")

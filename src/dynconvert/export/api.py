@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -159,15 +158,6 @@ def _probe(model: nn.Module, example: torch.Tensor, input_size: tuple[int, ...])
         ) from exc
 
 
-def _temporary_file(path: Path) -> Path:
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    except OSError as exc:
-        raise DynconvertError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    os.close(fd)
-    return Path(tmp)
-
-
 def _show(rows: list[dict[str, Any]], title: str) -> None:
     from rich.console import Console
 
@@ -203,7 +193,7 @@ def export(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    from ..io import check_output_path
+    from ..io import atomic_output, check_output_path
 
     name, sizes = _check_arguments(format, batch_sizes, opset)
     fmt = FORMATS[name]
@@ -223,8 +213,7 @@ def export(
             folded = fold_batchnorms(target)
 
     result = ExportResult(path=path, format=name, input_size=size, folded=folded)
-    tmp = _temporary_file(path)
-    try:
+    with atomic_output(path, suffix=path.suffix) as tmp:
         start = time.perf_counter()
         try:
             with modes.eval_mode(target), modes.static_strategy(target):
@@ -251,14 +240,4 @@ def export(
                     f"{name} export of {type(model).__name__} failed verification, so {path} "
                     f"was not written: {failure_message(result.rows)}"
                 )
-        tmp.chmod(0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return result
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

@@ -9,7 +9,6 @@ history so far.
 
 from __future__ import annotations
 
-import os
 import random
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import DynconvertError
+from ..io.files import safe_torch_load
 
 FORMAT = "dynconvert.finetune-checkpoint/1"
 
@@ -91,28 +91,15 @@ def check_writable(path: Path, what: str) -> None:
         ) from None
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
     """Read a checkpoint and check that it was written for this model."""
     path = Path(path)
     if not path.is_file():
         raise DynconvertError(f"resume: checkpoint {path} does not exist", usage=True)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DynconvertError(f"resume: {path} is not a readable checkpoint ({exc})") from None
+        state = safe_torch_load(path, map_location="cpu")
+    except DynconvertError as exc:
+        raise DynconvertError(f"resume: {exc}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DynconvertError(f"resume: {path} is not a dynconvert fine-tuning checkpoint")
     expected = model_fingerprint(model)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import DynconvertError
+from ..io.files import atomic_torch_save
 from . import checkpoint as ckpt
 from . import precision
 from .data import prepare_data
@@ -141,7 +142,7 @@ class Trainer:
             return
         rng = self.ctx.gather_to_main(ckpt.capture_rng())
         if self.ctx.is_main:
-            ckpt.atomic_save(trainer_state(self, rng), self.opts.checkpoint)
+            atomic_torch_save(trainer_state(self, rng), self.opts.checkpoint)
         self.last_checkpoint = str(self.opts.checkpoint)
 
     # -- evaluation ---------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import DynconvertError
 from . import checkpoint as ckpt
+from .schedules import TemperatureSchedule
 
 if TYPE_CHECKING:
     from .loop import Trainer
@@ -75,6 +76,7 @@ def restore_trainer(t: Trainer, path: str | Path) -> None:
         raise DynconvertError(
             f"resume: {path} already finished {state['epoch']} epochs; raise --epochs to go on"
         )
+    _continue_temperature_schedule(t, path, state["temperature"])
     t.model.load_state_dict(state["model"])
     t.optimizer.load_state_dict(state["optimizer"])
     t.scheduler.load_state_dict(state["scheduler"])
@@ -88,6 +90,21 @@ def restore_trainer(t: Trainer, path: str | Path) -> None:
         return
     rng = state["rng"]
     ckpt.restore_rng(rng if isinstance(rng, dict) else rng[t.ctx.rank])  # dict: older, one state
+
+
+def _continue_temperature_schedule(t: Trainer, path: str | Path, saved: dict[str, Any]) -> None:
+    """A run resumed without temperature options goes on with the saved schedule; options
+    that set one win (as the lr schedule follows this run's options), with a warning when
+    they differ from the saved one."""
+    saved_schedule = TemperatureSchedule(saved["start"], saved["end"], saved["iterations"])
+    if t.opts.temperature_start is None:
+        t.temperature.load_state_dict(saved_schedule.state_dict())
+    elif t.temperature.state_dict() != saved_schedule.state_dict():
+        warnings.warn(
+            f"resume: {path} was written with {saved_schedule.describe()}; this run's options "
+            f"give {t.temperature.describe()}, which is followed from here on",
+            stacklevel=4,
+        )
 
 
 def _continue_with_other_world(t: Trainer, path: str | Path, saved_world: int) -> None:

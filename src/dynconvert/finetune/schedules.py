@@ -67,6 +67,15 @@ class TemperatureSchedule:
     def state_dict(self) -> dict:
         return {"start": self.start, "end": self.end, "iterations": self.iterations}
 
+    def load_state_dict(self, state: dict) -> None:
+        self.start, self.end = state["start"], state["end"]
+        self.iterations = max(1, int(state["iterations"]))
+
+    def describe(self) -> str:
+        if self.start is None:
+            return "no temperature schedule"
+        return f"temperature {self.start:g} -> {self.end:g} over {self.iterations} iterations"
+
 
 def dynamic_layers(model: nn.Module) -> list[DynamicConvNd]:
     return [m for m in model.modules() if isinstance(m, DynamicConvNd)]

@@ -36,14 +36,22 @@ recorded about the conversion), ``saved_model`` (``save``, ``read``, ``load``).
 """
 
 from .conversion import CONVERSION_ATTR
-from .files import atomic_torch_save, check_output_path, safe_torch_load
+from .files import (
+    atomic_output,
+    atomic_torch_save,
+    atomic_write_text,
+    check_output_path,
+    safe_torch_load,
+)
 from .saved_model import FORMAT, VERSION, load, read, save
 
 __all__ = [
     "CONVERSION_ATTR",
     "FORMAT",
     "VERSION",
+    "atomic_output",
     "atomic_torch_save",
+    "atomic_write_text",
     "check_output_path",
     "load",
     "read",

@@ -12,6 +12,8 @@ import pickle
 import re
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,25 +35,54 @@ def check_output_path(path: Path) -> None:
         raise DynconvertError(f"cannot write {path}: folder {folder} is not writable")
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then rename it into place."""
+@contextmanager
+def atomic_output(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path beside ``path`` for the caller to write.
+
+    When the block ends without error the file is flushed to disk, given the mode a new file
+    would get, and renamed to ``path``; on any error it is removed and ``path`` is untouched.
+    """
+    path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     except OSError as exc:
         raise DynconvertError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal mode
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise DynconvertError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        yield tmp
+        try:
+            _fsync(tmp)  # the rename must not reach the disk before the data does
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise DynconvertError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` through :func:`atomic_output`."""
+    with atomic_output(path) as tmp:
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+        except OSError as exc:
+            raise DynconvertError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def atomic_write_text(text: str, path: str | os.PathLike[str]) -> None:
+    """Write UTF-8 text through :func:`atomic_output`."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
