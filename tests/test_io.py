@@ -329,3 +329,52 @@ def test_load_records_conversion_on_model(timm_saved):
     recorded = getattr(dynconvert.load(path), CONVERSION_ATTR)
     assert recorded["converted"] == report.converted_names
     assert recorded["config"] == report.config
+
+
+@pytest.mark.parametrize("kwargs", [{"global_pool": "max"}, {"output_stride": 16}])
+def test_timm_model_built_with_other_arguments_is_not_silently_rebuilt(tmp_path, kwargs):
+    """Same weight shapes, other function: load names the difference instead of guessing."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10, **kwargs).eval()
+    model, report = dynconvert.convert(model, k=2, input_size=SIZE)
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        ref = model(x)
+    path = dynconvert.save(model, tmp_path / "m.pt", report=report)
+    with pytest.raises(DynconvertError, match="is not the saved architecture") as info:
+        dynconvert.load(path)
+    assert "model=" in _one_line(info)
+    again = timm.create_model("resnet18", pretrained=False, num_classes=10, **kwargs)
+    with torch.no_grad():
+        assert torch.equal(dynconvert.load(path, model=again).eval()(x), ref)
+
+
+def test_model_passed_with_other_geometry_is_named_in_the_error(tmp_path):
+    model, report = dynconvert.convert(Net(), k=2, input_size=SIZE)
+    path = dynconvert.save(model, tmp_path / "net.pt", report=report)
+    other = Net()
+    other.block[0].dilation, other.block[0].padding = (2, 2), (2, 2)  # same weights, other map
+    with pytest.raises(DynconvertError, match=r"block\.0.*dilation") as info:
+        dynconvert.load(path, model=other)
+    assert "the Net passed as model=" in _one_line(info)
+
+
+def test_per_layer_strategies_survive_a_round_trip(tmp_path):
+    model, report = dynconvert.convert(Net(), k=2, input_size=SIZE)
+    model.block[0].strategy = "loop"
+    model.mix.strategy = "unfold"
+    for kind in ("with report", "without"):
+        path = tmp_path / f"{kind}.pt"
+        dynconvert.save(model, path, report=report if kind == "with report" else None)
+        loaded = dynconvert.load(path, model=Net())
+        assert loaded.block[0].strategy == "loop" and loaded.mix.strategy == "unfold", kind
+
+
+def test_save_refuses_options_that_could_not_rebuild_the_model(tmp_path):
+    model, _ = dynconvert.convert(Net(), k=4, input_size=SIZE)
+    _, report_k2 = dynconvert.convert(Net(), k=2, input_size=SIZE)
+    for options in ({"report": report_k2}, {"config": dynconvert.ConvertConfig(k=2)},
+                    {"config": dynconvert.ConvertConfig(k=4, ratio=1.0)}):  # fmt: skip
+        with pytest.raises(DynconvertError, match=r"do not fit 'block\.0'"):
+            dynconvert.save(model, tmp_path / "m.pt", **options)
+    assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,10 @@ The file is a dict of plain data and tensors; no module is ever pickled::
               or {"kind": "custom", "class": "pkg.mod.Net"} (information only)
     config    ConvertConfig.to_dict() of the conversion
     converted qualified names of the converted modules (what ``swap_named`` takes)
+    strategies  {name: strategy} of converted layers whose strategy differs from the option
+    architecture  [name, class, geometry] per module; ``load`` compares the rebuilt model
+              with it, so a timm model created with other arguments (``output_stride``,
+              ``global_pool``: same weight shapes, another function) is refused, not guessed
     state_dict, dtype, versions {"torch", "timm", "dynconvert"}
     report    ConversionReport.to_dict(), shown by ``dynconvert inspect FILE``
 

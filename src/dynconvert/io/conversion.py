@@ -7,6 +7,7 @@ recorded on the model (:data:`CONVERSION_ATTR`), else reads them off the dynamic
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from torch import nn
@@ -33,6 +34,73 @@ def check_converted(model: nn.Module, names: list[str]) -> None:
                 f"{type(module).__name__ if module is not None else 'no such module'} there; "
                 "pass the report of this model's conversion"
             )
+
+
+def check_config_fits(model: nn.Module, names: list[str], config: dict[str, Any]) -> None:
+    """The recorded ``k`` and router ``ratio`` must rebuild every converted layer's shapes,
+    or the file could never be loaded again."""
+    k, ratio = config.get("k"), config.get("ratio")
+    for name in names:
+        layer = model.get_submodule(name)
+        width = layer.attention.fc1.out_features
+        if layer.k != k or attention_width(layer.in_channels, ratio) != width:
+            raise DynconvertError(
+                f"the conversion options (k={k}, ratio={ratio}) do not fit {name!r} (k={layer.k}, "
+                f"router width {width} for {layer.in_channels} channels); pass the report or "
+                "config of this model's own conversion"
+            )
+
+
+def layer_strategies(model: nn.Module, names: list[str], config: dict[str, Any]) -> dict:
+    """Converted layers whose strategy differs from the recorded option: name → strategy."""
+    default = config.get("strategy", "auto")
+    return {
+        name: model.get_submodule(name).strategy
+        for name in names
+        if model.get_submodule(name).strategy != default
+    }
+
+
+#: Module attributes that decide what a layer computes without changing any weight shape
+#: (``output_stride`` of a timm ResNet sets dilation and stride; ``global_pool`` the pooling).
+_ARCHITECTURE_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding",
+                       "dilation", "groups", "padding_mode", "k", "output_size", "pool_type",
+                       "ceil_mode")  # fmt: skip
+_LIBRARIES = ("torch.", "timm.", "dynconvert.")
+
+
+def architecture(model: nn.Module) -> list[list[str]]:
+    """``[name, class, attributes]`` per module: what ``load`` compares after rebuilding.
+
+    Class names count only for torch, timm and dynconvert modules: a user's class may be
+    renamed between saving and loading without changing what it computes.
+    """
+    rows = []
+    for name, module in model.named_modules():
+        cls = type(module)
+        known = cls.__module__.startswith(_LIBRARIES)
+        attrs = [
+            f"{attr}={getattr(module, attr)!r}"
+            for attr in _ARCHITECTURE_ATTRS
+            if isinstance(getattr(module, attr, None), (int, float, str, tuple))
+        ]
+        rows.append([name, cls.__qualname__ if known else "", ", ".join(attrs)])
+    return rows
+
+
+def architecture_difference(saved: list, rebuilt: list) -> str | None:
+    """The first module where two :func:`architecture` lists differ, in words, or None."""
+    ours = {row[0]: row for row in rebuilt}
+    theirs = {row[0]: row for row in saved}
+    for name in [*theirs, *ours]:
+        if name not in ours or name not in theirs:
+            where = "the saved model" if name in theirs else "the rebuilt model"
+            return f"{name!r} exists only in {where}"
+    for name, row in theirs.items():
+        mine = ours[name]
+        if (row[1] and mine[1] and row[1] != mine[1]) or row[2] != mine[2]:
+            return f"{name or 'the model'}: saved {row[1]}({row[2]}), rebuilt {mine[1]}({mine[2]})"
+    return None
 
 
 def check_all_recorded(model: nn.Module, names: list[str]) -> None:
@@ -90,15 +158,19 @@ def _infer_conversion(model: nn.Module) -> dict[str, Any]:
         return {"config": ConvertConfig().to_dict(), "config_inferred": True, "converted": [],
                 "report": None}  # fmt: skip
     ks = {m.k for _, m in layers}
-    strategies = {m.strategy for _, m in layers}
     ratio = _common_ratio([m for _, m in layers])
-    if len(ks) > 1 or len(strategies) > 1 or ratio is None:
+    if len(ks) > 1 or ratio is None:
         raise DynconvertError(
-            "the dynamic layers differ in k, router width or strategy, so one set of options "
-            "cannot rebuild them; pass report= (from dynconvert.convert) to save"
+            "the dynamic layers differ in k or router width, so one set of options cannot "
+            "rebuild them; pass report= (from dynconvert.convert) to save"
         )
+    # The most common strategy is the option; the file records the others per layer.
+    strategies = Counter(m.strategy for _, m in layers)
     config = ConvertConfig(
-        k=ks.pop(), ratio=ratio, temperature=layers[0][1].temperature, strategy=strategies.pop()
+        k=ks.pop(),
+        ratio=ratio,
+        temperature=layers[0][1].temperature,
+        strategy=strategies.most_common(1)[0][0],
     )
     names = [n for n, _ in layers]
     return {

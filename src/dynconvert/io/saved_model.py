@@ -13,10 +13,14 @@ from ..errors import DynconvertError
 from ..layers import DynamicConvNd
 from .conversion import (
     CONVERSION_ATTR,
+    architecture,
+    architecture_difference,
     check_all_recorded,
+    check_config_fits,
     check_converted,
     config_from_dict,
     conversion_of,
+    layer_strategies,
     report_of_layers,
     submodule_or_none,
 )
@@ -65,6 +69,7 @@ def save(
         source = model_source(model)
     _check_source(source)
     check_converted(model, conversion["converted"])
+    check_config_fits(model, conversion["converted"], conversion["config"])
     if source["kind"] == "timm":
         check_all_recorded(model, conversion["converted"])
 
@@ -76,6 +81,8 @@ def save(
         "config": conversion["config"],
         "config_inferred": conversion["config_inferred"],
         "converted": list(conversion["converted"]),
+        "strategies": layer_strategies(model, conversion["converted"], conversion["config"]),
+        "architecture": architecture(model),
         "report": conversion["report"],
         "dtype": _uniform_dtype(state_dict),
         "state_dict": state_dict,
@@ -154,6 +161,7 @@ def load(
     data = read(path, map_location=map_location)
     config = config_from_dict(data["config"], f"{path}: config")
     source = data["source"]
+    given = model is not None
     if model is None:
         if source.get("kind") != "timm":
             cls = source.get("class", "a custom model")
@@ -170,7 +178,10 @@ def load(
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
 
     _swap_saved(model, data["converted"], config, path)
-    _load_strict(model, data["state_dict"], path, source)
+    _check_architecture(model, data.get("architecture"), path, source, given)
+    _load_strict(model, data["state_dict"], path, source, given)
+    for name, strategy in (data.get("strategies") or {}).items():
+        model.get_submodule(name).strategy = strategy
     report = data.get("report")
     if not isinstance(report, dict):
         layers = [(name, model.get_submodule(name)) for name in data["converted"]]
@@ -200,7 +211,33 @@ def _swap_saved(model: nn.Module, names: list[str], config, path: Path) -> None:
         raise DynconvertError(f"{path} does not fit this model: {exc}") from exc
 
 
-def _load_strict(model: nn.Module, state_dict: dict, path: Path, source: dict) -> None:
+def _what(model: nn.Module, source: dict, given: bool) -> str:
+    if given or source.get("kind") != "timm":
+        return f"the {type(model).__name__} passed as model="
+    return f"timm {source.get('name')} with kwargs {source.get('kwargs') or {}}"
+
+
+def _remedy(given: bool) -> str:
+    if given:
+        return "pass the architecture it was saved from"
+    return "it was built with other arguments: pass that architecture with model="
+
+
+def _check_architecture(
+    model: nn.Module, saved: Any, path: Path, source: dict, given: bool
+) -> None:
+    """Layers whose weights fit but compute something else (dilation, pooling type)."""
+    if not isinstance(saved, list):  # written before the file recorded it
+        return
+    difference = architecture_difference(saved, architecture(model))
+    if difference:
+        raise DynconvertError(
+            f"{path}: {_what(model, source, given)} is not the saved architecture "
+            f"({difference}); {_remedy(given)}"
+        )
+
+
+def _load_strict(model: nn.Module, state_dict: dict, path: Path, source: dict, given: bool) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -216,14 +253,9 @@ def _load_strict(model: nn.Module, state_dict: dict, path: Path, source: dict) -
             more = f" and {len(items) - 2} more" if len(items) > 2 else ""
             problems.append(f"{len(items)} {label} ({', '.join(items[:2])}{more})")
     if problems:
-        what = (
-            f"timm {source.get('name')} with kwargs {source.get('kwargs') or {}}"
-            if source.get("kind") == "timm"
-            else type(model).__name__
-        )
         raise DynconvertError(
-            f"{path}: the weights do not fit {what}: {'; '.join(problems)}; pass the model "
-            "it was saved from with model="
+            f"{path}: the weights do not fit {_what(model, source, given)}: "
+            f"{'; '.join(problems)}; {_remedy(given)}"
         )
     model.load_state_dict(state_dict, strict=True)
 
