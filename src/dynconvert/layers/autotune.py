@@ -257,6 +257,10 @@ def eligible(layer: DynamicConvNd, x: torch.Tensor, strategies: Mapping[str, Str
     }
 
 
+def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 def choose(layer: DynamicConvNd, x: torch.Tensor, strategies: Mapping[str, Strategy]) -> str:
     """The cached or freshly measured fastest strategy (or the cost model's when tuning is off).
 
@@ -298,7 +302,11 @@ def choose(layer: DynamicConvNd, x: torch.Tensor, strategies: Mapping[str, Strat
     else:
         # Stand-in attention: its values do not change the cost.
         attn = torch.full((x.shape[0], layer.k), 1.0 / layer.k, device=x.device, dtype=x.dtype)
-        times = measure(layer, x, attn, candidates)
+        # The tuner's own forward/backward graphs are not the caller's: hooks on saved tensors
+        # (a non-reentrant checkpoint counts them, to compare with its recomputation, which
+        # finds the choice cached) must not see them; the innermost hooks are the ones used.
+        with torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged):
+            times = measure(layer, x, attn, candidates)
         name = min(times, key=times.__getitem__)
         if name != "packed":
             prepacked.forget(layer)  # timing packed its kernels; free that memory

@@ -52,9 +52,15 @@ class DynamicConv2dSame(DynamicConv2d):
 
         ``Conv2dSame.forward`` ignores ``padding`` and ``padding_mode``, so they are not copied.
         """
+        from timm.layers import Conv2dSame
+
         _check_k(k)
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"conv: expected timm's Conv2dSame, got {type(conv).__name__}")
+        # Anything else pads otherwise (nn.Conv2d) or changes the kernel first (StdConv2dSame).
+        if not isinstance(conv, nn.Conv2d) or type(conv).forward is not Conv2dSame.forward:
+            raise TypeError(
+                f"conv: expected timm's Conv2dSame (or a subclass that keeps its forward), "
+                f"got {type(conv).__name__}"
+            )
         weight = conv.weight
         layer = cls(
             conv.in_channels,

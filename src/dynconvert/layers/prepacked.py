@@ -46,6 +46,7 @@ class _Pack:
     """The K kernels of one layer, in the blocked layout oneDNN wants for one input shape."""
 
     weight_version: tuple[int, int, int]  # (id, data_ptr, _version): new or edited → repack
+    sample: torch.Tensor  # a few weight values: an edit through .data → repack
     kernels: torch.Tensor  # (K, n) dense view of the blocked bytes, one row per kernel
 
 
@@ -108,20 +109,33 @@ def _packed_kernels(layer: DynamicConvNd, input_size: tuple[int, ...]) -> torch.
     """The layer's K kernels in blocked layout for ``input_size``, packed once per weight."""
     weight = layer.weight
     version = (id(weight), weight.data_ptr(), weight._version)
+    sample = _weight_sample(weight)
     per_layer = _packs.setdefault(layer, {})
     pack = per_layer.get(input_size)
-    if pack is None or pack.weight_version != version:
+    if pack is None or pack.weight_version != version or not torch.equal(pack.sample, sample):
         args = _conv_args(layer, input_size)
-        detached = weight.detach()
-        blocked = [torch.ops.mkldnn._reorder_convolution_weight(w, *args) for w in detached]
-        # One (K, n) block, so that mixing streams over contiguous rows.
-        kernels = torch.stack([_dense_view(b, weight.dtype) for b in blocked])
+        with torch.inference_mode(False):  # kept across calls: never an inference tensor
+            detached = weight.detach()
+            blocked = [torch.ops.mkldnn._reorder_convolution_weight(w, *args) for w in detached]
+            # One (K, n) block, so that mixing streams over contiguous rows.
+            kernels = torch.stack([_dense_view(b, weight.dtype) for b in blocked])
         per_layer.pop(input_size, None)
         while len(per_layer) >= MAX_PACKS_PER_LAYER:  # bounded memory under varying shapes
             per_layer.pop(next(iter(per_layer)))
-        pack = per_layer[input_size] = _Pack(version, kernels)
+        pack = per_layer[input_size] = _Pack(version, sample, kernels)
         _stats["packs"] += 1
     return pack.kernels
+
+
+#: Elements of the K kernels compared on every call (a few µs): edits through ``.data``
+#: (``layer.weight.data.mul_(2)``, old-style init code) do not bump ``_version``.
+SAMPLED_ELEMENTS = 64
+
+
+def _weight_sample(weight: torch.Tensor) -> torch.Tensor:
+    flat = weight.detach().reshape(-1)
+    step = max(1, flat.numel() // SAMPLED_ELEMENTS)
+    return flat[::step].clone()
 
 
 def _geometry(layer: DynamicConvNd, input_size: tuple[int, ...]) -> tuple:
@@ -151,9 +165,10 @@ def _target(layer: DynamicConvNd, input_size: tuple[int, ...]) -> tuple[torch.Te
     key = _geometry(layer, input_size)
     entry = targets.get(key)
     if entry is None:
-        like = layer.weight.detach()[0]
-        blocked = torch.ops.mkldnn._reorder_convolution_weight(like, *args)
-        entry = targets[key] = (blocked, _dense_view(blocked, like.dtype))
+        with torch.inference_mode(False):  # kept across calls: never an inference tensor
+            like = layer.weight.detach()[0]
+            blocked = torch.ops.mkldnn._reorder_convolution_weight(like, *args)
+            entry = targets[key] = (blocked, _dense_view(blocked, like.dtype))
     return entry
 
 

@@ -44,8 +44,18 @@ def scratch(slot: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tens
     pool = _pool()
     buffer = pool.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = pool[key] = torch.empty(numel, device=like.device, dtype=like.dtype)
+        buffer = pool[key] = persistent_empty(numel, device=like.device, dtype=like.dtype)
     return buffer[:numel].view(shape)
+
+
+def persistent_empty(*shape: int, **options) -> torch.Tensor:
+    """``torch.empty`` for a tensor kept across calls: never an inference tensor.
+
+    One made under ``torch.inference_mode()`` (Lightning's validation) could not be written
+    in place by the training step after it.
+    """
+    with torch.inference_mode(False):
+        return torch.empty(*shape, **options)
 
 
 def release() -> None:

@@ -1,0 +1,113 @@
+"""Dynamic layers inside the contexts users run them in: ``torch.inference_mode`` (Lightning's
+validation), non-reentrant activation checkpointing (timm's ``set_grad_checkpointing``),
+weights edited through ``.data``, and ``from_conv`` of convs that must not be swapped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_err
+from timm.layers import Conv2dSame, StdConv2dSame
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dynconvert import DynamicConv2d
+from dynconvert.layers import DynamicConv2dSame, autotune, prepacked
+
+# 128 -> 128 channels, 3x3, K=4: 2.4 MB of kernels, above the sizes where the strategies
+# mix into reused scratch buffers and `packed` keeps its packed kernels.
+CHANNELS = 128
+
+
+def reference(layer: DynamicConv2d, x: torch.Tensor) -> torch.Tensor:
+    """float64: each sample's conv with its own mixed kernel."""
+    x64 = x.double()
+    attn = layer.attention.double()(x64)
+    layer.attention.float()
+    weight = layer.weight.detach().double()
+    outs = []
+    for i in range(x.shape[0]):
+        kernel = torch.einsum("k,k...->...", attn[i], weight)
+        outs.append(F.conv2d(x64[i : i + 1], kernel, None, layer.stride, layer.padding))
+    out = torch.cat(outs)
+    if layer.bias is not None:
+        out = out + (attn @ layer.bias.detach().double())[:, :, None, None]
+    return out
+
+
+def moved_router(layer: DynamicConv2d) -> DynamicConv2d:
+    torch.nn.init.normal_(layer.attention.fc2.weight, std=1.0)  # non-uniform attention
+    return layer
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "unfold", "loop", "packed"])
+def test_inference_mode_forward_then_eval_and_training_steps(strategy):
+    """Buffers first made under inference_mode are reused by later calls outside it."""
+    torch.manual_seed(0)
+    layer = moved_router(DynamicConv2d(CHANNELS, CHANNELS, 3, padding=1, strategy=strategy))
+    x = torch.randn(2, CHANNELS, 8, 8)
+    want = reference(layer, x)
+    layer.eval()
+    with torch.inference_mode():
+        assert rel_err(layer(x), want) < 1e-5
+    with torch.no_grad():
+        assert rel_err(layer(x), want) < 1e-5
+    layer.train()
+    out = layer(x.requires_grad_())
+    out.square().sum().backward()
+    assert rel_err(out, want) < 1e-5
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+
+
+def test_non_reentrant_checkpoint_with_the_autotuner_measuring():
+    """The tuner's timed forward/backward must not be counted by the checkpoint's hooks,
+    also when a smaller last batch brings a new shape."""
+    torch.manual_seed(0)
+    block = nn.Sequential(
+        moved_router(DynamicConv2d(16, 16, 3, padding=1)), nn.ReLU(),
+        moved_router(DynamicConv2d(16, 16, 1)),
+    )  # fmt: skip
+    was = autotune.autotune_enabled(), autotune.MIN_MACS
+    autotune.set_autotune(True, min_macs=0)  # every call of a new shape is measured
+    autotune.clear_cache()
+    try:
+        for batch in (4, 4, 3):
+            x = torch.randn(batch, 16, 8, 8, requires_grad=True)
+            checkpoint(block, x, use_reentrant=False).square().sum().backward()
+            got = [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+            block.zero_grad()
+            x.grad = None
+            block(x).square().sum().backward()
+            want = [x.grad] + [p.grad for p in block.parameters()]
+            block.zero_grad()
+            assert all(rel_err(g, w) < 1e-5 for g, w in zip(got, want, strict=True)), batch
+        assert autotune.stats()["measurements"] > 0
+    finally:
+        autotune.set_autotune(*was)
+        autotune.clear_cache()
+
+
+@pytest.mark.skipif(not prepacked.available(), reason="needs oneDNN's prepacked conv ops")
+def test_packed_kernels_follow_an_edit_through_data():
+    """`.data` edits do not bump the version counter; the packed copy must still follow."""
+    torch.manual_seed(0)
+    layer = moved_router(DynamicConv2d(CHANNELS, CHANNELS, 3, padding=1, strategy="packed"))
+    layer.eval()
+    x = torch.randn(2, CHANNELS, 8, 8)
+    with torch.no_grad():
+        layer(x)
+        assert prepacked.stats()["packs"] >= 1
+        layer.weight.data.mul_(2.0)
+        assert rel_err(layer(x), reference(layer, x)) < 1e-5
+
+
+def test_conv2d_same_from_conv_takes_only_timms_conv2d_same():
+    """Anything else pads otherwise or changes its kernel first: never swapped silently."""
+    for conv in (nn.Conv2d(4, 4, 3, padding=2, padding_mode="reflect"), StdConv2dSame(4, 4, 3)):
+        with pytest.raises(TypeError, match="expected timm's Conv2dSame"):
+            DynamicConv2dSame.from_conv(conv)
+    conv = Conv2dSame(4, 4, 3, stride=2)
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        assert rel_err(DynamicConv2dSame.from_conv(conv)(x), conv(x)) < 1e-5
