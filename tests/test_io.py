@@ -378,3 +378,17 @@ def test_save_refuses_options_that_could_not_rebuild_the_model(tmp_path):
         with pytest.raises(DynconvertError, match=r"do not fit 'block\.0'"):
             dynconvert.save(model, tmp_path / "m.pt", **options)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, timm_saved, monkeypatch):
+    """torch's zip writer reports a full disk as a RuntimeError ('unexpected pos ...')."""
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 part")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(DynconvertError, match="free some space") as exc:
+        dynconvert.save(timm_saved[0], tmp_path / "m.pt", report=timm_saved[1])
+    assert "MiB left" in _one_line(exc)
+    assert list(tmp_path.iterdir()) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -69,6 +70,12 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
                 torch.save(obj, f)
         except OSError as exc:
             raise DynconvertError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        except RuntimeError as exc:  # torch's zip writer reports a full disk this way
+            free = shutil.disk_usage(tmp.parent).free
+            raise DynconvertError(
+                f"cannot write {path}: the write failed with {free / 2**20:.1f} MiB left on its "
+                "disk; free some space and run again"
+            ) from exc
 
 
 def atomic_write_text(text: str, path: str | os.PathLike[str]) -> None:
@@ -103,8 +110,8 @@ def safe_torch_load(path: Path, map_location: Any) -> Any:
         if found:
             raise DynconvertError(
                 f"{path} was refused: it holds pickled code ({found.group(1)}), which safe "
-                "(weights-only) loading does not run; nothing was executed. It is not a "
-                "dynconvert file; load only files from sources you trust"
+                "(weights-only) loading does not run; nothing was executed. A whole pickled "
+                "model must be saved again as a state dict, from a source you trust"
             ) from None
         raise DynconvertError(
             f"{path} is corrupt or not a weights-only torch file (it cannot be read safely; "
@@ -113,8 +120,10 @@ def safe_torch_load(path: Path, map_location: Any) -> Any:
     except EOFError:
         raise DynconvertError(f"{path} is empty or truncated; save it again") from None
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        kind = "truncated or corrupt" if "zip archive" in reason else "corrupt"
-        raise DynconvertError(
-            f"{path} is {kind}, not a readable torch file ({reason.rstrip('.')})"
-        ) from None
+        # torch's own text is long (miniz advice) or bare (KeyError '101' for a non-torch
+        # file): say what it means instead.
+        if "zip archive" in str(exc) or "central directory" in str(exc):
+            what = "truncated or corrupt (its zip archive cannot be read)"
+        else:
+            what = f"corrupt or not a torch file ({type(exc).__name__} while reading it)"
+        raise DynconvertError(f"{path} is {what}; save or copy it again") from None
