@@ -8,6 +8,7 @@ Precedence: built-in defaults < ``--recipe FILE`` < flags given on the command l
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,6 @@ _NOT_OPTIONS = {"data", "recipe", "num_classes", "distill"}
 
 def training_options(command: Callable, *, skip: tuple[str, ...] = ()) -> Callable:
     """Add the fine-tuning flags (but the ones named in ``skip``) to a click command."""
-    import dataclasses
-
     from ..finetune.options import FinetuneOptions
 
     defaults = {f.name: f.default for f in dataclasses.fields(FinetuneOptions)}
@@ -119,9 +118,10 @@ def finetune_step(flags: dict[str, Any], out: Path | None) -> Callable:
     """The ``after_convert`` step of the convert command: fine-tune, leave saving to it."""
     if out is None:
         raise DynconvertError("fine-tuning needs --out FILE (not --dry-run)", usage=True)
+    plan = check_run(flags, out)  # outputs and data before the conversion
 
     def step(model: nn.Module, report: Any) -> nn.Module:
-        run_finetune(model, flags, out, save=False)
+        run_finetune(model, flags, out, save=False, plan=plan)
         return model
 
     return step
@@ -151,6 +151,65 @@ def collect_options(flags: dict[str, Any]) -> tuple[dict[str, Any], Any, Path | 
     return options, recipe, Path(data)
 
 
+@dataclasses.dataclass
+class RunPlan:
+    """What :func:`check_run` found: the finetune kwargs, the recipe and the data."""
+
+    options: dict[str, Any]
+    recipe: Any
+    data: Path
+    has_val: bool
+
+
+def check_run(flags: dict[str, Any], out: Path) -> RunPlan:
+    """Every check that needs no model: options, output paths, plot format, data layout."""
+    from .. import io
+    from ..finetune.data import scan_image_folder, split_folders
+    from ..finetune.plot import check_plot_path
+
+    options, recipe, data = collect_options(flags)
+    io.check_output_path(out)
+    options.setdefault("checkpoint", str(out.with_suffix(".ckpt")))
+    _check_distinct(out, options, explicit_checkpoint=flags.get("checkpoint") is not None)
+    if options.get("plot") is not None:
+        check_plot_path(options["plot"])
+    train_root, val_root = split_folders(data)
+    classes, _, _ = scan_image_folder(train_root, "train")
+    wanted = flags.get("num_classes")
+    if wanted is not None and wanted != len(classes):
+        raise DynconvertError(
+            f"--num-classes {wanted} does not match the {len(classes)} class folders in "
+            f"{train_root}",
+            usage=True,
+        )
+    return RunPlan(options, recipe, data, has_val=val_root is not None)
+
+
+def _check_distinct(out: Path, options: dict[str, Any], *, explicit_checkpoint: bool) -> None:
+    """The saved model, the training checkpoint and the plot must be three files: each write
+    would silently replace the other."""
+    checkpoint = Path(options["checkpoint"])
+    if out.resolve() == checkpoint.resolve():
+        if explicit_checkpoint:
+            raise DynconvertError(
+                f"--out and --checkpoint are the same file {out}; give them different files",
+                usage=True,
+            )
+        raise DynconvertError(
+            f"--out {out} is also the training checkpoint (OUT with .ckpt), which the saved "
+            f"model would replace; give --out another suffix (e.g. {out.with_suffix('.pt')}) "
+            "or --checkpoint another file",
+            usage=True,
+        )
+    plot = options.get("plot")
+    for flag, path in (("--out", out), ("--checkpoint", checkpoint)):
+        if plot is not None and Path(plot).resolve() == path.resolve():
+            raise DynconvertError(
+                f"--plot and {flag} are the same file {path}; give them different files",
+                usage=True,
+            )
+
+
 def run_finetune(
     model: nn.Module,
     flags: dict[str, Any],
@@ -159,34 +218,26 @@ def run_finetune(
     original: nn.Module | None = None,
     save: bool = True,
     report: Any = None,
+    plan: RunPlan | None = None,
 ):
     """Fine-tune ``model`` with the CLI ``flags`` and save it to ``out`` (rank 0 only).
 
     ``original``: the static model before conversion, for the results table and as the
     teacher of ``--distill`` (default: a static copy of ``model``, exact while its routers
-    are still uniform).
+    are still uniform). ``plan``: :func:`check_run` of these flags, when already done.
     """
     from .. import io
     from ..finetune import finetune, reset_head, static_teacher
-    from ..finetune.data import scan_image_folder, split_folders
     from ..finetune.models import model_num_classes
     from ..models import SOURCE_ATTR, model_source
 
-    options, _, data = collect_options(flags)
-    io.check_output_path(out)
-    options.setdefault("checkpoint", str(out.with_suffix(".ckpt")))
-    train_root, _ = split_folders(data)
-    classes, _, _ = scan_image_folder(train_root, "train")
+    if plan is None:
+        plan = check_run(flags, out)
+    options, data = plan.options, plan.data
     head = model_num_classes(model)
     wanted = flags.get("num_classes")
     source = model_source(model)
     reset = wanted is not None and wanted != head
-    if wanted is not None and wanted != len(classes):
-        raise DynconvertError(
-            f"--num-classes {wanted} does not match the {len(classes)} class folders in "
-            f"{train_root}",
-            usage=True,
-        )
     if original is None:
         original = static_teacher(model)
     if reset:
@@ -204,6 +255,11 @@ def run_finetune(
     if options.get("teacher") is True and original is not None:
         options["teacher"] = original
     options["original"] = original
+    if not plan.has_val and is_main_process():
+        click.echo(
+            f"note: {data} has no val/ folder, so no validation is done (no val top-1)",
+            err=True,
+        )
     result = finetune(model, data, **options)
     if save and is_main_process():
         io.save(model, out, report=report)
@@ -221,10 +277,31 @@ def load_model(model_file: Path | None, spec: str | None, weights: Path | None) 
         raise DynconvertError("give either MODEL (a dynconvert file) or --weights", usage=True)
     if model_file is not None:
         architecture = load_user_model(spec) if spec else None
-        return io.load(model_file, model=architecture)
+        try:
+            return io.load(model_file, model=architecture)
+        except DynconvertError as exc:
+            custom = architecture is None and _custom_class(model_file)
+            if not custom:
+                raise
+            raise DynconvertError(
+                f"{model_file} holds a custom model ({custom}); give its architecture with "
+                "--model package.module:function (a function that builds it)"
+            ) from exc
     if spec is None:
         raise DynconvertError("give MODEL (a dynconvert file) or --model pkg.mod:fn", usage=True)
     return load_user_model(spec, weights)
+
+
+def _custom_class(model_file: Path) -> str | None:
+    """The class of the custom model saved in ``model_file``; None for a timm model or a file
+    that cannot be read (then the load error says why)."""
+    from .. import io
+
+    try:
+        source = io.read(model_file, map_location="meta")["source"]  # no tensor data read
+    except DynconvertError:
+        return None
+    return None if source.get("kind") == "timm" else str(source.get("class", "its class"))
 
 
 @click.command("finetune")
@@ -237,14 +314,15 @@ def finetune_command(model_file, spec, weights, out, **flags) -> None:
     """Fine-tune a converted model on an ImageFolder DIR (train/ and val/).
 
     A static model (``--model``, or ``model.name`` in the recipe) is first converted with the
-    recipe's ``convert`` section, when it has one.
+    recipe's ``convert`` section; without one it is refused (only converted models save).
 
     \b
     dynconvert finetune model.pt --data DIR --epochs 5 --out ft.pt
     dynconvert finetune --model pkg.mod:net --weights w.pth --data DIR --out ft.pt
     torchrun --nproc_per_node 4 -m dynconvert finetune model.pt --data DIR --out ft.pt
     """
-    _, recipe, _ = collect_options(dict(flags))  # recipe and flag errors before loading
+    plan = check_run(flags, out)  # recipe, flags, outputs and data before loading
+    recipe = plan.recipe
     if model_file is None and spec is None and recipe.model.get("name"):
         name = recipe.model["name"]  # a dynconvert file, or package.module:function
         spec, model_file = (name, None) if ":" in name else (None, Path(name))
@@ -252,12 +330,19 @@ def finetune_command(model_file, spec, weights, out, **flags) -> None:
             weights = Path(recipe.model["weights"])
     model = load_model(model_file, spec, weights)
     original = report = None
-    if recipe.convert and not _has_dynamic_layers(model):  # a static model + a recipe: convert
+    if not _has_dynamic_layers(model):  # a static model: convert with the recipe, or refuse
+        if not recipe.convert:  # io.save would refuse it, after the whole run
+            raise DynconvertError(
+                f"{spec or model_file} has no dynamic convolutions, and only a converted model "
+                "can be saved; convert it first: add a convert: section to a --recipe "
+                "(e.g. 'convert: {k: 4}'), or use dynconvert.convert and dynconvert.save",
+                usage=True,
+            )
         import dynconvert
 
         original = copy.deepcopy(model).eval()
         model, report = dynconvert.convert(model, **recipe.convert)
-    run_finetune(model, flags, out, original=original, report=report)
+    run_finetune(model, flags, out, original=original, report=report, plan=plan)
 
 
 def _has_dynamic_layers(model: nn.Module) -> bool:

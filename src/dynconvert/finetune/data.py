@@ -26,7 +26,19 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 
 def scan_image_folder(root: Path, split: str) -> tuple[list[str], int, int]:
-    """Classes, image count and skipped (non-image) file count of an ImageFolder tree."""
+    """Classes, image count and skipped (non-image) file count of an ImageFolder tree, by
+    file name only (:func:`image_folder` also reads each image's header)."""
+    classes, images, skipped, _ = _scan(root, split, check_headers=False)
+    return classes, images, skipped
+
+
+def _scan(root: Path, split: str, check_headers: bool) -> tuple[list[str], int, int, set[Path]]:
+    """:func:`scan_image_folder` plus the image-suffixed files that are not images.
+
+    Reading each header is one small read per file, so a corrupt file is skipped here
+    rather than failing the run when its batch comes up; pixels are still only decoded in
+    training (a file truncated after its header fails then).
+    """
     if not root.exists():
         raise DynconvertError(f"data: {split} folder {root} does not exist", usage=True)
     if not root.is_dir():
@@ -37,21 +49,34 @@ def scan_image_folder(root: Path, split: str) -> tuple[list[str], int, int]:
             f"data: {root} has no class folders; expected {root}/<class>/<image> (ImageFolder)",
             usage=True,
         )
-    images = skipped = 0
+    images, unreadable, skipped = 0, set(), 0
     for cls in classes:
         for path in (root / cls).rglob("*"):
             if path.is_file():
-                if path.suffix.lower() in IMG_EXTENSIONS:
-                    images += 1
-                else:
+                if path.suffix.lower() not in IMG_EXTENSIONS:
                     skipped += 1
+                elif check_headers and not _is_image(path):
+                    unreadable.add(path)
+                else:
+                    images += 1
+    skipped += len(unreadable)
     if images == 0:
         raise DynconvertError(
             f"data: {root} has no images ({skipped} non-image files skipped); "
             f"supported: {', '.join(IMG_EXTENSIONS)}",
             usage=True,
         )
-    return classes, images, skipped
+    return classes, images, skipped, unreadable
+
+
+def _is_image(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path):  # lazy: parses the header, decodes nothing
+            return True
+    except Exception:  # whatever PIL cannot open, the ImageFolder loader cannot either
+        return False
 
 
 def split_folders(data: str | Path) -> tuple[Path, Path | None]:
@@ -61,6 +86,12 @@ def split_folders(data: str | Path) -> tuple[Path, Path | None]:
         raise DynconvertError(f"data: folder {root} does not exist", usage=True)
     if (root / "train").is_dir():
         return root / "train", (root / "val") if (root / "val").is_dir() else None
+    if (root / "val").is_dir():  # else "val" would become the one class of the training set
+        raise DynconvertError(
+            f"data: no train/ folder in {root} (it has val/); put the training images in "
+            f"{root / 'train'}/<class>/",
+            usage=True,
+        )
     return root, None
 
 
@@ -103,11 +134,13 @@ def build_transforms(config: dict[str, Any], augment: str) -> tuple[Any, Any]:
 def image_folder(root: Path, transform: Any, split: str):
     from torchvision.datasets import ImageFolder
 
-    classes, _, skipped = scan_image_folder(root, split)
+    classes, _, skipped, unreadable = _scan(root, split, check_headers=True)
     dataset = ImageFolder(
         str(root),
         transform=transform,
-        is_valid_file=lambda p: Path(p).suffix.lower() in IMG_EXTENSIONS,
+        is_valid_file=lambda p: (
+            Path(p).suffix.lower() in IMG_EXTENSIONS and Path(p) not in unreadable
+        ),
         allow_empty=True,
     )
     dataset.skipped_files = skipped

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -111,44 +113,156 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model
 
 
-def clean_state_dict(obj: object) -> dict[str, torch.Tensor]:
+def clean_state_dict(obj: object, path: str | Path = "the file") -> dict[str, torch.Tensor]:
     """The state dict in a weights file: unwraps ``state_dict``/``model``, strips ``module.``."""
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise DynconvertError("weights: the file does not hold a state dict of tensors")
+        raise DynconvertError(
+            f"weights: {path} is not a state dict of tensors (it holds {type(obj).__name__}); "
+            f"{_SAVE_WEIGHTS}"
+        )
     prefix = "module."
     if obj and all(k.startswith(prefix) for k in obj):
         obj = {k[len(prefix) :]: v for k, v in obj.items()}
     return obj
 
 
-def load_user_model(spec: str, weights: str | Path | None = None) -> nn.Module:
-    """Build ``package.module:function`` and load ``weights`` (a state dict) into it."""
+_SAVE_WEIGHTS = "save the weights with torch.save(model.state_dict(), path)"
+# ``python -m dynconvert`` puts the current folder on sys.path, the installed script does not.
+_IMPORTABLE = (
+    "it must be importable: install it, or add its folder to PYTHONPATH (the dynconvert "
+    "command does not look in the current folder: PYTHONPATH=. dynconvert ...)"
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
+def _factory(spec: str) -> Callable[[], object]:
+    """The callable that ``package.module:function`` names, checked to take no arguments."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise DynconvertError(f"model: expected package.module:function, got {spec!r}", usage=True)
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise DynconvertError(f"model: cannot import {spec} ({exc})", usage=True) from None
-    model = factory()
-    if not isinstance(model, nn.Module):
-        raise DynconvertError(f"model: {spec}() returned {type(model).__name__}, not a module")
-    if weights is not None:
-        path = Path(weights)
-        if not path.is_file():
-            raise DynconvertError(f"weights: {path} does not exist", usage=True)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise DynconvertError(f"weights: cannot read {path} ({exc})") from None
-        try:
-            model.load_state_dict(clean_state_dict(state))
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name + ".").startswith(exc.name + "."):
             raise DynconvertError(
-                f"weights: {path} does not fit {spec}: {' '.join(first[:3])}"
+                f"model: cannot import {module_name} (for {spec}): no such module; {_IMPORTABLE}",
+                usage=True,
             ) from None
+        raise DynconvertError(
+            f"model: importing {module_name} (for {spec}) failed: {_first_line(exc)}; install "
+            "what it imports"
+        ) from exc
+    except (Exception, SystemExit) as exc:  # SystemExit: script code run at import
+        raise DynconvertError(
+            f"model: importing {module_name} (for {spec}) raised {_first_line(exc)}; fix the "
+            "module (rerun with --debug for the traceback)"
+        ) from exc
+    factory: object = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise DynconvertError(
+                f"model: {module_name} has no {attr!r} (for {spec}); name a function or class "
+                "defined in it",
+                usage=True,
+            )
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise DynconvertError(
+            f"model: {spec} is not callable (it is of type {type(factory).__name__}); point "
+            "--model at a function or class that builds the model",
+            usage=True,
+        )
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as exc:
+        raise DynconvertError(
+            f"model: {spec} cannot be called without arguments ({exc}); --model calls it with "
+            "none: point it at a function that builds the model with fixed arguments",
+            usage=True,
+        ) from None
+    except ValueError:  # no signature to read (some builtins): calling it will tell
+        pass
+    return factory
+
+
+def load_user_model(spec: str, weights: str | Path | None = None) -> nn.Module:
+    """Build ``package.module:function`` and load ``weights`` (a state dict) into it."""
+    factory = _factory(spec)
+    try:
+        model = factory()
+    except DynconvertError:
+        raise
+    except Exception as exc:
+        raise DynconvertError(
+            f"model: {spec}() raised {_first_line(exc)}; fix it (rerun with --debug for the "
+            "traceback)"
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise DynconvertError(
+            f"model: {spec}() returned {type(model).__name__}, not a torch.nn.Module; make it "
+            "return the model"
+        )
+    if weights is not None:
+        load_weights(model, Path(weights), spec)
     return model
+
+
+def load_weights(model: nn.Module, path: Path, spec: str) -> None:
+    """Load the state dict at ``path`` into ``model`` strictly, every problem in one line."""
+    from ..io.files import safe_torch_load
+
+    if path.is_dir():
+        raise DynconvertError(
+            f"weights: {path} is a folder; give the weights file (a state dict) in it",
+            usage=True,
+        )
+    if not path.exists():
+        raise DynconvertError(f"weights: {path} does not exist", usage=True)
+    try:
+        state = safe_torch_load(path, "cpu")
+    except DynconvertError as exc:
+        raise DynconvertError(f"weights: {exc}; --weights takes a state dict") from None
+    state = clean_state_dict(state, path)
+    problems = _load_loosely(model, state)
+    if problems:
+        raise DynconvertError(
+            f"weights: {path} does not fit the model of {spec}: {'; '.join(problems)}; give "
+            "the state dict of this architecture, or the --model the weights come from"
+        )
+
+
+def _load_loosely(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load what fits and return the problems: counts and the first few names of missing,
+    unexpected and reshaped keys (torch's message lists every key, hundreds in a big model).
+
+    ``strict=False`` lets modules fill in what they may (BatchNorm's ``num_batches_tracked``
+    of older files); any problem still fails the caller, so the partial load is never used.
+    """
+    expected = model.state_dict()
+    reshaped = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} in the file vs {tuple(expected[k].shape)}" for k in reshaped
+    ]
+    skip = set(reshaped)
+    try:
+        result = model.load_state_dict(
+            {k: v for k, v in state.items() if k not in skip}, strict=False
+        )
+    except RuntimeError as exc:  # a module's own loading check
+        return [_first_line(exc)]
+    missing = [k for k in result.missing_keys if k not in skip]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", result.unexpected_keys),
+                        ("of another shape", shapes)):  # fmt: skip
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            noun = "key" if len(keys) == 1 else "keys"
+            problems.append(f"{len(keys)} {noun} {label} ({', '.join(keys[:3])}{more})")
+    return problems

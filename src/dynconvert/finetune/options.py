@@ -182,6 +182,10 @@ class FinetuneOptions:
             raise DynconvertError("deterministic: expected true, false or null", usage=True)
         if self.device is not None and not isinstance(self.device, str):
             self.device = str(self.device)
+        if self.plot is not None:
+            from .plot import check_plot_path  # matplotlib only when a plot is asked for
+
+            check_plot_path(self.plot)  # the plot is first written after a whole epoch
         for name in ("callbacks", "regularizers"):
             for item in getattr(self, name):
                 if not callable(item):
