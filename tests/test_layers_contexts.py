@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dynconvert import DynamicConv2d
-from dynconvert.layers import DynamicConv2dSame, autotune, prepacked
+from dynconvert.layers import DynamicConv2dSame, DynamicConvNd, autotune, prepacked
 
 # 128 -> 128 channels, 3x3, K=4: 2.4 MB of kernels, above the sizes where the strategies
 # mix into reused scratch buffers and `packed` keeps its packed kernels.
@@ -111,3 +111,38 @@ def test_conv2d_same_from_conv_takes_only_timms_conv2d_same():
     x = torch.randn(2, 4, 9, 9)
     with torch.no_grad():
         assert rel_err(DynamicConv2dSame.from_conv(conv)(x), conv(x)) < 1e-5
+
+
+@pytest.mark.parametrize("strategy", ["auto", "grouped", "unfold", "loop", "packed", "static"])
+def test_channels_last_in_channels_last_out_like_nn_conv2d(strategy):
+    torch.manual_seed(0)
+    layer = moved_router(DynamicConv2d(8, 16, 3, padding=1, strategy=strategy)).eval()
+    x = torch.randn(3, 8, 7, 7)
+    with torch.no_grad():
+        out = layer(x.contiguous(memory_format=torch.channels_last))
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert rel_err(out, reference(layer, x)) < 1e-5
+        assert layer(x).is_contiguous()  # and contiguous stays contiguous
+
+
+@pytest.mark.parametrize(
+    ("conv", "shape", "layout"),
+    [
+        (nn.Conv1d(4, 4, 3, padding=1), (2, 4, 9), torch.channels_last),
+        (nn.Conv2d(4, 4, 3, padding=1), (2, 4, 6, 6), torch.channels_last),
+        (nn.Conv3d(4, 4, 3, padding=1), (2, 4, 4, 4, 4), torch.channels_last_3d),
+    ],
+)
+def test_module_to_a_memory_format_and_dtype_works_where_it_does_for_the_conv(conv, shape, layout):
+    """timm's train script calls model.to(memory_format=channels_last): K kernels are one
+    dim more than a conv's weight and keep their layout; the rest converts as usual."""
+    torch.manual_seed(0)
+    conv.to(memory_format=layout)  # what torch accepts for the static conv
+    layer = moved_router(DynamicConvNd.from_conv(conv)).eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        before = layer(x)
+        layer.to(memory_format=layout)
+        layer.to(torch.float64)
+        assert layer.weight.dtype == torch.float64 and layer.weight.is_contiguous()
+        assert rel_err(layer(x.double()), before) < 1e-5

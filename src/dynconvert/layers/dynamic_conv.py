@@ -24,6 +24,15 @@ from .strategies import STRATEGIES, mix_kernels, run_strategy
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout ``nn.Conv2d/3d`` gives its output: channels-last in, channels-last out."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    last = formats.get(x.dim())
+    if last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=last):
+        return last
+    return torch.contiguous_format
+
+
 def _check_k(k: int) -> int:
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k: expected an int >= 1, got {k!r}")
@@ -281,6 +290,20 @@ class DynamicConvNd(nn.Module):
 
     # -- forward ------------------------------------------------------------------------
 
+    def _apply(self, fn, recurse: bool = True):
+        # nn.Module.to(memory_format=channels_last) converts every 4-D and 5-D tensor, and the
+        # K kernels have one more dim than a conv's weight (a 5-D tensor cannot be channels
+        # last). Their layout does not matter, as each sample's kernel is mixed afresh: they
+        # get the conversion a static conv's weight would get, then their own layout back.
+        shape = self.weight.shape
+
+        def kernels_as_one_conv_weight(t: torch.Tensor) -> torch.Tensor:
+            if t.shape != shape:
+                return fn(t)
+            return fn(t.flatten(0, 1)).contiguous().unflatten(0, shape[:2])
+
+        return super()._apply(kernels_as_one_conv_weight, recurse)
+
     def _check_input(self, x: torch.Tensor) -> bool:
         """Validate rank and channels; returns True for an unbatched input."""
         n = self.dims
@@ -303,9 +326,10 @@ class DynamicConvNd(nn.Module):
         if unbatched:
             x = x.unsqueeze(0)
         attn = self.attention(x)
+        layout = output_memory_format(x)
         if self._resolved.pad is not None:
             x = F.pad(x, self._resolved.pad, mode=self._resolved.pad_mode)
-        out = run_strategy(self, x, attn)
+        out = run_strategy(self, x, attn).contiguous(memory_format=layout)
         return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:
