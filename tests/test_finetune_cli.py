@@ -91,7 +91,7 @@ def test_saved_custom_model_file_with_its_architecture(tmp_path, capsys, tinynet
     data = make_data_dir(tmp_path / "data", per_class=2)
     args = ["finetune", tmp_path / "model.pt", "--data", data, "--out", tmp_path / "ft.pt", *FAST]
     code, err = run(capsys, *args)
-    assert code == 1 and "holds a custom model" in error_line(err)  # needs --model
+    assert code == 2 and "holds a custom model" in error_line(err)  # needs --model
     code, err = run(capsys, *args, "--model", tinynet)
     assert code == 0, err
     reloaded = dynconvert.load(tmp_path / "ft.pt", model=tinynet_module.tiny())

@@ -316,7 +316,7 @@ def test_saved_custom_model_without_model_names_the_cli_option(tmp_path, capsys,
         tmp_path / "ft.pt",
         *FAST,
     )
-    assert status == 1
+    assert status == 2  # usage: the CLI needs --model
     line = one_line_error(err)
     assert "holds a custom model" in line and "--model package.module:function" in line
     assert "dynconvert.load(" not in line

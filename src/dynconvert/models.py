@@ -102,8 +102,12 @@ def build_timm_model(
     create_kwargs = dict(kwargs)
     if checkpoint is not None:
         checkpoint = os.fspath(checkpoint)
+        if os.path.isdir(checkpoint):
+            raise DynconvertError(
+                f"checkpoint {checkpoint} is a folder; give the weights file", usage=True
+            )
         if not os.path.isfile(checkpoint):
-            raise DynconvertError(f"checkpoint {checkpoint} does not exist or is not a file")
+            raise DynconvertError(f"checkpoint {checkpoint} does not exist", usage=True)
         create_kwargs["pretrained_cfg_overlay"] = {"file": checkpoint}
         pretrained = True
     try:
@@ -123,6 +127,9 @@ def build_timm_model(
             raise _checkpoint_error(checkpoint, name, exc) from exc
         raise
     except Exception as exc:
+        hub = name.startswith("hf-hub:") and _is_download_failure(exc)
+        if hub and not (pretrained and checkpoint is None and _hub_config_cached(name)):
+            raise _hub_needed_error(name) from exc
         if pretrained and checkpoint is None and _is_download_failure(exc):
             raise DynconvertError(
                 f"cannot download pretrained weights for {name} ({_offline_hint()}); use "
@@ -132,6 +139,32 @@ def build_timm_model(
         raise
     _set_source(model, {"kind": "timm", "name": name, "kwargs": _plain_kwargs(kwargs)})
     return model
+
+
+def _hub_needed_error(name: str) -> DynconvertError:
+    """An ``hf-hub:`` model reads its config from the hub even for random weights."""
+    org, _, model = name.removeprefix("hf-hub:").partition("/")
+    plain = f"the plain timm name {model}" if org == "timm" and model else "a plain timm name"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    why = "HF_HUB_OFFLINE is set and it is not cached" if offline else "the hub was not reached"
+    return DynconvertError(
+        f"{name} needs the Hugging Face hub for its config, even without pretrained weights "
+        f"({why}); connect to the hub{' (unset HF_HUB_OFFLINE)' if offline else ''}, or use "
+        f"{plain} with --no-pretrained or --checkpoint FILE"
+    )
+
+
+def _hub_config_cached(name: str) -> bool:
+    """Whether the config of ``hf-hub:org/name[@revision]`` is in the local hub cache (then
+    only the weights were missing)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = name.removeprefix("hf-hub:").partition("@")
+        found = try_to_load_from_cache(repo, "config.json", revision=revision or None)
+    except Exception:  # an odd name or an old huggingface_hub: assume not cached
+        return False
+    return isinstance(found, str)
 
 
 def _checkpoint_error(checkpoint: str, name: str, exc: BaseException) -> DynconvertError:

@@ -97,6 +97,13 @@ def _type_name(types: tuple[type, ...]) -> str:
     return " or ".join(names.get(t, "null") for t in types if not (t is int and float in types))
 
 
+def _kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list"
+    text = f"{type(value).__name__} {value!r}"
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
 def _convert_schema() -> dict[str, tuple[type, ...]]:
     try:
         from .convert.config import ConvertConfig
@@ -130,7 +137,11 @@ def validate_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise DynconvertError(f"recipe {source}: expected a mapping of sections {SECTIONS}")
+        raise DynconvertError(
+            f"recipe {source}: expected a mapping of sections ({', '.join(SECTIONS)}) at the "
+            f"top level, got {_kind(raw)}",
+            usage=True,
+        )
     schemas = {
         "model": MODEL_SCHEMA,
         "convert": _convert_schema(),
@@ -147,7 +158,11 @@ def validate_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
             )
         body = {} if body is None else body
         if not isinstance(body, dict):
-            raise DynconvertError(f"recipe {source}: section {section!r} must be a mapping")
+            raise DynconvertError(
+                f"recipe {source}: section {section!r} must be a mapping of keys "
+                f"(key: value lines under '{section}:'), got {_kind(body)}",
+                usage=True,
+            )
         schema = schemas[section]
         for key, value in body.items():
             if key not in schema:
@@ -190,14 +205,52 @@ def _check_values(recipe: Recipe) -> None:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    import yaml
-
     path = Path(path)
+    if path.is_dir():
+        raise DynconvertError(f"recipe: {path} is a folder; give the YAML file", usage=True)
     if not path.is_file():
         raise DynconvertError(f"recipe: {path} does not exist", usage=True)
+    return validate_recipe(_read_yaml(path), str(path))
+
+
+def _read_yaml(path: Path) -> Any:
+    """``yaml.safe_load`` that refuses a key set twice in one mapping (PyYAML keeps the last
+    one, so the first value would be silently dropped)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    earlier = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    continue
+                line = key_node.start_mark.line + 1
+                if earlier is not None:
+                    raise DynconvertError(
+                        f"recipe {path}: duplicate key {key!r} at line {line} (already set "
+                        f"at line {earlier}); keep one",
+                        usage=True,
+                    )
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # a SafeLoader: no code runs
     except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0]
-        raise DynconvertError(f"recipe {path}: not valid YAML ({first})", usage=True) from None
-    return validate_recipe(raw, str(path))
+        problem = _yaml_problem(exc)
+        raise DynconvertError(f"recipe {path}: not valid YAML {problem}", usage=True) from None
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """``at line L, column C: <problem> (<context>)`` from a PyYAML error."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    detail = f"{problem} ({context})" if context else problem
+    return f"{where}: {detail}" if where else f"({detail})"

@@ -4,7 +4,8 @@
 (``inspect``, ``finetune``, ``export``, ``bench``). Each command lives in its own module and
 is registered in ``_COMMANDS``.
 
-Exit codes: 0 ok, 1 failure, 2 bad usage. Errors are one line; ``--debug`` adds the traceback.
+Exit codes: 0 ok, 1 failure, 2 bad usage. Errors are one line; ``--debug`` (anywhere on the
+command line) adds the traceback.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ _COMMANDS = {
     "bench": "dynconvert.cli.bench_cmd:bench_command",
 }
 DEFAULT_COMMAND = "convert"
+# click >= 8.2 raises this for a group called without arguments (older versions print the help).
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 class _Group(click.Group):
@@ -66,10 +69,33 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+def _hoist_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """``--debug`` anywhere before ``--`` moves to the front, where the group's option reads it.
+
+    The error lines say "rerun with --debug", and users append it to the command they ran;
+    the subcommands themselves have no such option.
+    """
+    end = argv.index("--") if "--" in argv else len(argv)
+    rest = [arg for arg in argv[:end] if arg != "--debug"] + argv[end:]
+    debug = len(rest) < len(argv)
+    return (["--debug", *rest] if debug else rest), debug
+
+
+def _print_traceback(exc: BaseException) -> None:
+    """The traceback with every chained exception, also those hidden by ``raise ... from None``:
+    under ``--debug`` the root cause is what the user asked to see."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__suppress_context__ = False
+        link = link.__cause__ or link.__context__
+    traceback.print_exception(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the CLI and maps failures to one line and an exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
+    argv, debug = _hoist_debug(list(sys.argv[1:] if argv is None else argv))
     try:
         with warnings_on_main_only():
             cli.main(args=argv, prog_name="dynconvert", standalone_mode=False)
@@ -79,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         # click turns Ctrl-C inside a command into Abort.
         click.echo("error: interrupted", err=True)
         return 130
+    except _NO_ARGS_IS_HELP as exc:  # bare ``dynconvert``: the help itself, not an error line
+        exc.show()
+        return exc.exit_code
     except click.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx else "dynconvert"
         click.echo(f"error: {exc.format_message()} (see '{where} --help')", err=True)
@@ -88,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except DynconvertError as exc:
         if debug:
-            traceback.print_exc()
+            _print_traceback(exc)
         click.echo(f"error: {exc}", err=True)
         return 2 if exc.usage else 1
     except KeyboardInterrupt:
@@ -96,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # any other failure is still one line unless --debug
         if debug:
-            traceback.print_exc()
+            _print_traceback(exc)
         else:
             click.echo(
                 f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",

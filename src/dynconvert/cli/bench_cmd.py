@@ -4,7 +4,9 @@ MODEL is a timm name (built with random weights, converted with ``--k``; all con
 stem become dynamic) or a file saved by dynconvert (its static twin, each dynamic conv replaced
 by a plain conv of the same shape, is the baseline). Static and dynamic are timed
 round-robin (median of ``--rounds``): eval latency at ``--batch-size``, one training step
-(forward + backward + SGD) and, each in a fresh process, that step's peak memory.
+(forward + backward + SGD) and, each in a fresh process, that step's peak memory. A file
+that holds a custom (non-timm) model needs ``--model package.module:function``; its peak
+memory is not measured (the fresh process rebuilds models from the file alone).
 """
 
 from __future__ import annotations
@@ -17,26 +19,50 @@ import click
 
 from ..errors import DynconvertError
 from ..layers import STRATEGIES
+from .params import architecture_option
 
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
 
 
-def _measure(model_spec, batch, input_size, k, strategy, rounds, train, memory) -> dict:
+def _load_pair(model_spec: str, architecture: str | None, k: int, strategy: str):
+    """(static, dynamic, conversion seconds or None), as ``benchmark.load_pair``, with the
+    CLI's checks and errors for a file (missing, a folder, a custom model)."""
+    from ..benchmark import load_pair, set_strategy
+    from ..finetune.models import static_twin
+    from .convert_cmd import is_saved_file
+    from .params import build_architecture, check_model_path, load_saved
+
+    if not is_saved_file(model_spec):
+        if architecture is not None:
+            raise DynconvertError(
+                f"--model builds the architecture of a saved file; {model_spec} is a timm "
+                "model name, drop --model",
+                usage=True,
+            )
+        return load_pair(model_spec, k, strategy)
+    path = Path(model_spec)
+    check_model_path(path)
+    dynamic = load_saved(path, build_architecture(architecture))
+    if strategy != "auto":
+        set_strategy(dynamic, strategy)
+    return static_twin(dynamic), dynamic, None
+
+
+def _measure(model_spec, pair, batch, input_size, k, rounds, train, memory) -> dict:
     import torch
 
     from ..benchmark import (
         eval_call,
         input_for,
         interleaved_times,
-        load_pair,
         medians,
         step_peak_memory,
         train_step,
     )
 
-    static, dynamic, convert_s = load_pair(model_spec, k, strategy)
+    static, dynamic, convert_s = pair
     x = input_for(static, batch, input_size)
     try:
         with torch.no_grad():
@@ -98,6 +124,7 @@ def _table(result: dict):
 @click.option("--memory/--no-memory", default=True, help="Measure the step's peak memory.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the figures as JSON.")  # fmt: skip
+@architecture_option
 def bench_command(
     model: str,
     batch_size: int,
@@ -108,18 +135,28 @@ def bench_command(
     train: bool,
     memory: bool,
     json_path: Path | None,
+    architecture: str | None,
 ) -> None:
     """Time MODEL static vs dynamic: eval latency, a training step and its peak memory."""
     from rich.console import Console
 
+    from ..io import atomic_write_text, check_output_path
+
+    if json_path is not None:
+        check_output_path(json_path)  # before the measurement, which takes minutes
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    pair = _load_pair(model, architecture, k, strategy)
+    if architecture is not None and memory and train:
+        memory = False
+        click.echo(
+            "note: with --model the peak memory is not measured (its fresh process "
+            "rebuilds the model from the file alone)",
+            err=True,
+        )
     console = Console()
     with console.status("measuring (static and dynamic interleaved)..."):
-        result = _measure(model, batch_size, input_size, k, strategy, rounds, train, memory)
+        result = _measure(model, pair, batch_size, input_size, k, rounds, train, memory)
     console.print(_table(result))
     if json_path is not None:
-        from ..io import atomic_write_text, check_output_path
-
-        check_output_path(json_path)
         atomic_write_text(json.dumps(result, indent=1), json_path)
         console.print(f"wrote {json_path}")

@@ -5,7 +5,8 @@ timm model is built (pretrained by default: converting trained weights is the po
 that fails with a hint to use ``--no-pretrained`` or ``--checkpoint FILE``, never a silent
 fall-back to random weights), converted with the options and saved to ``--out``. A saved
 file is already converted: it is loaded, its stored report is shown and it is saved again to
-``--out``; conversion options are refused for it (they would not apply).
+``--out``; conversion options are refused for it (they would not apply). A file that holds a
+custom (non-timm) model needs ``--model package.module:function`` to build its architecture.
 
 ``--dry-run`` converts in memory and shows the report without writing the model (``--json``
 still writes the report, since it was asked for). Without ``--dry-run``, ``--out`` is required.
@@ -32,7 +33,7 @@ from ..convert.config import DEPTHWISE_POLICIES
 from ..errors import DynconvertError
 from ..layers import STRATEGIES
 from .finetune_cmd import finetune_step, is_main_process, pipeline_options, pop_pipeline_flags
-from .params import input_size
+from .params import architecture_option, build_architecture, check_model_path, input_size
 
 # File names that are certainly files, even if missing (timm names never end like this).
 _FILE_SUFFIXES = {".pt", ".pth", ".pkl", ".bin", ".ckpt", ".safetensors", ".tar"}
@@ -86,6 +87,7 @@ class ModelRequest:
     checkpoint: Path | None = None
     options: dict[str, Any] = field(default_factory=dict)
     explicit: set[str] = field(default_factory=set)  # options given on the command line
+    architecture: str | None = None  # --model package.module:function, for a saved file
 
 
 @dataclass
@@ -110,8 +112,9 @@ def explicit_options(ctx: click.Context, names: tuple[str, ...] | list[str]) -> 
     return {name for name in names if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def _flag(name: str, value: Any = None) -> str:
+    """The flag as typed: ``--no-pretrained`` when a ``--x/--no-x`` switch was turned off."""
+    return ("--no-" if value is False else "--") + name.replace("_", "-")
 
 
 def convert_kwargs(request: ModelRequest) -> dict[str, Any]:
@@ -168,23 +171,31 @@ def _resolve_input_size(size: tuple[int, ...] | None, model: nn.Module) -> tuple
 
 def prepare_model(request: ModelRequest) -> Prepared:
     """Build and convert the timm model, or load the saved file, with its report."""
-    import dynconvert
     from dynconvert.report import ConversionReport
 
     if is_saved_file(request.model):
         path = Path(request.model)
-        if not path.exists():
-            raise DynconvertError(f"{path} does not exist", usage=True)
+        check_model_path(path)
         given = sorted(request.explicit & {*CONVERSION_OPTIONS, "pretrained", "checkpoint"})
         if given:
-            flags = ", ".join(_flag(n) for n in given)
+            values = {**request.options, "pretrained": request.pretrained}
+            flags = ", ".join(_flag(n, values.get(n)) for n in given)
+            verb = "applies" if len(given) == 1 else "apply"
             raise DynconvertError(
-                f"{path} is a saved dynconvert model, already converted; {flags} apply to "
+                f"{path} is a saved dynconvert model, already converted; {flags} {verb} to "
                 "timm model names only",
                 usage=True,
             )
-        model = dynconvert.load(path)
+        from .params import load_saved
+
+        model = load_saved(path, build_architecture(request.architecture))
         return Prepared(model, ConversionReport.from_dict(_stored_report(model)), from_file=True)
+    if request.architecture is not None:
+        raise DynconvertError(
+            f"--model builds the architecture of a saved file; {request.model} is a timm "
+            "model name, drop --model",
+            usage=True,
+        )
 
     from dynconvert.models import build_timm_model
 
@@ -193,8 +204,38 @@ def prepare_model(request: ModelRequest) -> Prepared:
     )
     kwargs = convert_kwargs(request)
     kwargs["input_size"] = _resolve_input_size(kwargs.get("input_size"), model)
+    if kwargs["input_size"] is not None:
+        probe_input_size(model, kwargs["input_size"], request.model)
     model, report = convert_strictly(model, kwargs)
     return Prepared(model, report, from_file=False)
+
+
+def probe_input_size(model: nn.Module, size: tuple[int, ...], name: str) -> None:
+    """One forward at the size the user gave, before converting: ``convert`` only notes a
+    failed probe (and goes on without shapes and MACs), which would save a model whose report
+    is about an input it cannot take."""
+    import torch
+
+    from ..models import _first_line
+
+    like = next(model.parameters(), None)
+    example = torch.zeros(1, *size, dtype=getattr(like, "dtype", torch.float32),
+                          device=getattr(like, "device", "cpu"))  # fmt: skip
+    training = {module: module.training for module in model.modules()}
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except Exception as exc:
+        default = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+        hint = f", e.g. its default {','.join(map(str, default))}" if default else ""
+        raise DynconvertError(
+            f"{name} cannot take inputs of size {tuple(size)} ({_first_line(exc)}); give "
+            f"the size it expects with --input-size{hint}",
+            usage=True,
+        ) from exc
+    finally:
+        for module, flag in training.items():
+            module.training = flag
 
 
 def _stored_report(model: nn.Module) -> dict[str, Any]:
@@ -290,6 +331,7 @@ def run_convert(
     default=None,
     help="Start from the weights in this local timm/torch checkpoint instead.",
 )
+@architecture_option
 @conversion_options
 @pipeline_options  # --data DIR --epochs N ...: convert → fine-tune → save (finetune_cmd.py)
 @click.pass_context
@@ -301,6 +343,7 @@ def convert_command(
     json_path: Path | None,
     pretrained: bool,
     checkpoint: Path | None,
+    architecture: str | None,
     **options: Any,
 ) -> None:
     """Convert the convs of MODEL (a timm name or a saved file) to dynamic convs.
@@ -327,6 +370,7 @@ def convert_command(
         checkpoint=checkpoint,
         options=options,
         explicit=explicit_options(ctx, [*CONVERSION_OPTIONS, "pretrained", "checkpoint"]),
+        architecture=architecture,
     )
     if train_flags is not None:
         if "seed" not in request.explicit:  # the default --seed must not hide finetune.seed

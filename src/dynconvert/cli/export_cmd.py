@@ -4,7 +4,8 @@ MODEL_FILE is a file saved by dynconvert (``dynconvert MODEL --out model.pt`` or
 :func:`dynconvert.save`); it is rebuilt with :func:`dynconvert.load` and exported with
 :func:`dynconvert.export`: batch dimension dynamic, the file loaded back and checked at batch
 sizes 1, 3 and 8 unless ``--no-verify``. ``--format`` may be left out when ``--out`` ends in
-``.pt2``, ``.onnx`` or ``.ts``.
+``.pt2``, ``.onnx`` or ``.ts``. A file that holds a custom (non-timm) model needs ``--model
+package.module:function`` to build its architecture.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ from pathlib import Path
 import click
 
 from ..errors import DynconvertError
-from .params import sample_shape
+from .params import (
+    architecture_option,
+    build_architecture,
+    check_model_path,
+    load_saved,
+    sample_shape,
+)
 
 _FORMAT_NAMES = ("pt2", "onnx", "torchscript")
 
@@ -32,6 +39,18 @@ def _format_name(format_name: str | None, out: Path) -> str:
             usage=True,
         )
     return guessed
+
+
+def _check_opset(name: str, opset: int) -> None:
+    from ..export.formats import MIN_OPSET, max_onnx_opset
+
+    highest = max_onnx_opset() if name == "onnx" else None
+    if highest is not None and opset > highest:
+        raise DynconvertError(
+            f"--opset {opset} is above what the installed onnx supports; choose "
+            f"{MIN_OPSET} to {highest}",
+            usage=True,
+        )
 
 
 @click.command("export")
@@ -72,8 +91,9 @@ def _format_name(format_name: str | None, out: Path) -> str:
     type=click.IntRange(min=18),
     default=18,
     show_default=True,
-    help="ONNX opset version.",
+    help="ONNX opset version (at most the installed onnx's newest).",
 )
+@architecture_option
 def export_command(
     model_file: Path,
     format_name: str | None,
@@ -82,6 +102,7 @@ def export_command(
     verify: bool,
     fold_bn: bool,
     opset: int,
+    architecture: str | None,
 ) -> None:
     """Export the dynconvert file MODEL_FILE with a dynamic batch dimension, verified.
 
@@ -96,9 +117,9 @@ def export_command(
     name = _format_name(format_name, out)
     check_output_path(out)
     check_available(name, verify)  # before the model is built: a missing package is one line
-    if not model_file.exists():
-        raise DynconvertError(f"{model_file} does not exist", usage=True)
-    model = dynconvert.load(model_file)
+    _check_opset(name, opset)
+    check_model_path(model_file, "a dynconvert file")
+    model = load_saved(model_file, build_architecture(architecture))
     result = dynconvert.export(
         model,
         out,

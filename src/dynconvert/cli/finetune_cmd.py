@@ -270,38 +270,16 @@ def run_finetune(
 def load_model(model_file: Path | None, spec: str | None, weights: Path | None) -> nn.Module:
     """A ``dynconvert.save`` file (its architecture from ``--model`` for a custom model), or
     ``--model package.module:function`` with ``--weights`` (a state dict)."""
-    from .. import io
     from ..finetune import load_user_model
+    from .params import build_architecture, load_saved
 
     if model_file is not None and weights is not None:
         raise DynconvertError("give either MODEL (a dynconvert file) or --weights", usage=True)
     if model_file is not None:
-        architecture = load_user_model(spec) if spec else None
-        try:
-            return io.load(model_file, model=architecture)
-        except DynconvertError as exc:
-            custom = architecture is None and _custom_class(model_file)
-            if not custom:
-                raise
-            raise DynconvertError(
-                f"{model_file} holds a custom model ({custom}); give its architecture with "
-                "--model package.module:function (a function that builds it)"
-            ) from exc
+        return load_saved(model_file, build_architecture(spec))
     if spec is None:
         raise DynconvertError("give MODEL (a dynconvert file) or --model pkg.mod:fn", usage=True)
     return load_user_model(spec, weights)
-
-
-def _custom_class(model_file: Path) -> str | None:
-    """The class of the custom model saved in ``model_file``; None for a timm model or a file
-    that cannot be read (then the load error says why)."""
-    from .. import io
-
-    try:
-        source = io.read(model_file, map_location="meta")["source"]  # no tensor data read
-    except DynconvertError:
-        return None
-    return None if source.get("kind") == "timm" else str(source.get("class", "its class"))
 
 
 @click.command("finetune")

@@ -23,6 +23,7 @@ from .convert_cmd import (
     prepare_model,
     show_report,
 )
+from .params import architecture_option, build_architecture, check_model_path
 
 
 def _describe_file(data: dict[str, Any]) -> str:
@@ -31,7 +32,7 @@ def _describe_file(data: dict[str, Any]) -> str:
         kwargs = source.get("kwargs") or {}
         origin = f"timm {source.get('name')}" + (f" {kwargs}" if kwargs else "")
     else:
-        origin = f"custom model {source.get('class', '?')} (load it with model=)"
+        origin = f"custom model {source.get('class', '?')} (load it with --model or model=)"
     versions = data.get("versions") or {}
     made_with = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
     config = data["config"]
@@ -41,16 +42,18 @@ def _describe_file(data: dict[str, Any]) -> str:
     )
 
 
-def _file_report(path: Path):
-    import dynconvert
+def _file_report(path: Path, architecture: str | None):
     from dynconvert.io import CONVERSION_ATTR, read
     from dynconvert.report import ConversionReport
 
+    from .params import load_saved
+
     data = read(path)
-    click.echo(f"{path}: {_describe_file(data)}")
     stored = data.get("report")
     if not isinstance(stored, dict):  # an older or foreign writer: rebuild to list the layers
-        stored = getattr(dynconvert.load(path), CONVERSION_ATTR)["report"]
+        stored = getattr(load_saved(path, build_architecture(architecture)), CONVERSION_ATTR)
+        stored = stored["report"]
+    click.echo(f"{path}: {_describe_file(data)}")
     try:
         return ConversionReport.from_dict(stored)
     except (KeyError, TypeError, ValueError) as exc:
@@ -66,9 +69,16 @@ def _file_report(path: Path):
     default=None,
     help="Also write the report as JSON to this file.",
 )
+@architecture_option
 @conversion_options
 @click.pass_context
-def inspect_command(ctx: click.Context, model: str, json_path: Path | None, **options: Any) -> None:
+def inspect_command(
+    ctx: click.Context,
+    model: str,
+    json_path: Path | None,
+    architecture: str | None,
+    **options: Any,
+) -> None:
     """Show which convs of MODEL_OR_FILE are (or would be) converted, without writing a model.
 
     \b
@@ -82,10 +92,11 @@ def inspect_command(ctx: click.Context, model: str, json_path: Path | None, **op
     explicit = explicit_options(ctx, CONVERSION_OPTIONS)
     if is_saved_file(model) and not explicit:
         path = Path(model)
-        if not path.exists():
-            raise DynconvertError(f"{path} does not exist", usage=True)
-        report = _file_report(path)
+        check_model_path(path)
+        report = _file_report(path, architecture)
     else:
-        request = ModelRequest(model=model, options=options, explicit=explicit)
+        request = ModelRequest(
+            model=model, options=options, explicit=explicit, architecture=architecture
+        )
         report = prepare_model(request).report  # refuses conversion options for a file
     show_report(report, json_path)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import DynconvertError
 from .deps import require
 
 Runner = Callable[[torch.Tensor], list[torch.Tensor]]
@@ -76,8 +77,29 @@ def _load_pt2(path: Path, device: torch.device) -> Runner:
 # -- onnx ------------------------------------------------------------------------------------
 
 
+def max_onnx_opset() -> int | None:
+    """The newest opset the installed onnx knows, or None without onnx.
+
+    The exporter writes opset 18 and converts it to the requested one (onnxscript's converter,
+    falling back to onnx's); above onnx's newest opset the conversion fails, and the exporter
+    then writes opset 18 anyway, with a traceback on stderr and no error.
+    """
+    try:
+        import onnx
+    except ImportError:
+        return None
+    return int(onnx.defs.onnx_opset_version())
+
+
 def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
     require("onnx", "onnxscript", purpose="ONNX export")
+    highest = max_onnx_opset()
+    if highest is not None and opset > highest:
+        raise DynconvertError(
+            f"opset {opset} is above what the installed onnx supports; choose "
+            f"{MIN_OPSET} to {highest}",
+            usage=True,
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # exporter chatter on deprecated paths
         program = torch.onnx.export(
