@@ -202,7 +202,7 @@ def test_opset_above_the_installed_onnx_is_refused_first(timm_file, tmp_path, ca
     code, _, err = run(capsys, "export", timm_file, "--format", "onnx", "--opset", highest + 1,
                        "--out", out, "--input-size", "3,32,32")  # fmt: skip
     assert code == 2
-    assert_one_line_error(err, f"--opset {highest + 1}", f"18 to {highest}")
+    assert_one_line_error(err, f"opset {highest + 1}", f"18 to {highest}")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -215,6 +215,9 @@ def test_export_api_refuses_an_opset_above_the_installed_onnx(timm_file, tmp_pat
         dynconvert.export(model, tmp_path / "m.onnx", "onnx", input_size=(3, 32, 32),
                           opset=highest + 1, show=False)  # fmt: skip
     assert caught.value.usage
+    with pytest.raises(DynconvertError, match="opset 17"):  # and below the exporter's floor
+        dynconvert.export(model, tmp_path / "m.onnx", "onnx", input_size=(3, 32, 32),
+                          opset=17, show=False)  # fmt: skip
     assert list(tmp_path.iterdir()) == []
 
 

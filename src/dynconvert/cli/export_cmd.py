@@ -42,15 +42,10 @@ def _format_name(format_name: str | None, out: Path) -> str:
 
 
 def _check_opset(name: str, opset: int) -> None:
-    from ..export.formats import MIN_OPSET, max_onnx_opset
+    from ..export.formats import check_opset
 
-    highest = max_onnx_opset() if name == "onnx" else None
-    if highest is not None and opset > highest:
-        raise DynconvertError(
-            f"--opset {opset} is above what the installed onnx supports; choose "
-            f"{MIN_OPSET} to {highest}",
-            usage=True,
-        )
+    if name == "onnx":
+        check_opset(opset)  # before the model is loaded
 
 
 @click.command("export")

@@ -26,7 +26,7 @@ from . import modes
 from .deps import check_available
 from .fold_bn import FoldedPair
 from .fold_bn import fold_bn as fold_batchnorms
-from .formats import FORMATS, MIN_OPSET
+from .formats import FORMATS, MIN_OPSET, check_opset
 from .verify import failure_message, random_batch, table
 from .verify import verify as verify_file
 
@@ -128,12 +128,8 @@ def _check_arguments(
         raise DynconvertError(
             f"batch_sizes: expected positive ints, got {batch_sizes!r}", usage=True
         )
-    bad_opset = isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET
-    if name == "onnx" and bad_opset:
-        raise DynconvertError(
-            f"opset: the torch.export-based ONNX exporter needs >= {MIN_OPSET}, got {opset!r}",
-            usage=True,
-        )
+    if name == "onnx":
+        check_opset(opset)
     return name, sizes
 
 

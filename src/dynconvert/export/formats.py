@@ -91,15 +91,21 @@ def max_onnx_opset() -> int | None:
     return int(onnx.defs.onnx_opset_version())
 
 
-def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
-    require("onnx", "onnxscript", purpose="ONNX export")
+def check_opset(opset: Any) -> None:
+    """An ONNX opset the exporter can write: >= MIN_OPSET and known to the installed onnx."""
     highest = max_onnx_opset()
-    if highest is not None and opset > highest:
+    too_low = isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET
+    if too_low or (highest is not None and opset > highest):
+        allowed = f"{MIN_OPSET} to {highest}" if highest is not None else f">= {MIN_OPSET}"
         raise DynconvertError(
-            f"opset {opset} is above what the installed onnx supports; choose "
-            f"{MIN_OPSET} to {highest}",
+            f"opset {opset!r}: the torch.export-based ONNX exporter with the installed onnx "
+            f"writes opsets {allowed}",
             usage=True,
         )
+
+
+def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    require("onnx", "onnxscript", purpose="ONNX export")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # exporter chatter on deprecated paths
         program = torch.onnx.export(

@@ -167,7 +167,8 @@ def load(
             cls = source.get("class", "a custom model")
             raise DynconvertError(
                 f"{path} holds a custom model ({cls}); pass its architecture: "
-                f"dynconvert.load(path, model=YourModel(...))"
+                "dynconvert.load(path, model=YourModel(...)) in Python, --model "
+                "package.module:function on the command line"
             )
         model = rebuild_timm_model(source)
         if data.get("dtype") not in (None, "float32"):
