@@ -146,3 +146,22 @@ def test_module_to_a_memory_format_and_dtype_works_where_it_does_for_the_conv(co
         layer.to(torch.float64)
         assert layer.weight.dtype == torch.float64 and layer.weight.is_contiguous()
         assert rel_err(layer(x.double()), before) < 1e-5
+
+
+PADDINGS = [(0, 3, 1), (1, 3, 2), ((1, 2), 3, 1), ("same", 4, 1), ("valid", 3, 2)]
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize(("padding", "kernel", "stride"), PADDINGS)
+def test_output_memory_format_follows_nn_conv2d_for_every_padding(
+    padding_mode, padding, kernel, stride
+):
+    """nn.Conv2d's own F.pad decides its output layout (circular padding drops channels_last)."""
+    conv = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, padding_mode=padding_mode)
+    layer = DynamicConvNd.from_conv(conv).eval()
+    x = torch.randn(2, 4, 9, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want, got = conv(x), layer(x)
+    for layout in (torch.channels_last, torch.contiguous_format):
+        assert want.is_contiguous(memory_format=layout) == got.is_contiguous(memory_format=layout)
+    assert rel_err(got, want) < 1e-5

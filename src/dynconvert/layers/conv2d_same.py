@@ -101,11 +101,11 @@ class DynamicConv2dSame(DynamicConv2d):
         if unbatched:
             x = x.unsqueeze(0)
         attn = self.attention(x)
-        layout = output_memory_format(x)
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         pad_h = same_pad_amount(x.shape[-2], kh, sh, dh)
         pad_w = same_pad_amount(x.shape[-1], kw, sw, dw)
         x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        layout = output_memory_format(x)  # of the padded input, as for timm's Conv2dSame
         out = run_strategy(self, x, attn).contiguous(memory_format=layout)
         return out.squeeze(0) if unbatched else out
 

@@ -326,9 +326,9 @@ class DynamicConvNd(nn.Module):
         if unbatched:
             x = x.unsqueeze(0)
         attn = self.attention(x)
-        layout = output_memory_format(x)
         if self._resolved.pad is not None:
             x = F.pad(x, self._resolved.pad, mode=self._resolved.pad_mode)
+        layout = output_memory_format(x)  # of the padded input, as for nn.Conv2d's own pad
         out = run_strategy(self, x, attn).contiguous(memory_format=layout)
         return out.squeeze(0) if unbatched else out
 
