@@ -42,6 +42,11 @@ def not_a_model():
 }
 
 
+def finetune_tiny(capsys, data, *args):
+    """``dynconvert finetune --model tinynet:tiny --data DATA ARGS`` with the fast settings."""
+    return run(capsys, "finetune", "--model", "tinynet:tiny", "--data", data, *args, *FAST)
+
+
 @pytest.fixture
 def code(tmp_path, monkeypatch) -> Path:
     """Importable modules: ``tinynet`` (dynamic), ``plainnet`` (static) and broken ones."""
@@ -94,19 +99,7 @@ def test_plain_model_is_refused_before_training_and_converted_with_a_recipe(
 
 @pytest.mark.parametrize(("name", "message"), [("curves", "no suffix"), ("c.txt", "suffix .txt")])
 def test_plot_format_is_checked_before_training(capsys, code, data, out_dir, name, message):
-    status, err = run(
-        capsys,
-        "finetune",
-        "--model",
-        "tinynet:tiny",
-        "--data",
-        data,
-        "--out",
-        out_dir / "ft.pt",
-        "--plot",
-        out_dir / name,
-        *FAST,
-    )
+    status, err = finetune_tiny(capsys, data, "--out", out_dir / "ft.pt", "--plot", out_dir / name)
     assert status == 2
     line = one_line_error(err)
     assert message in line and ".png" in line and ".pdf" in line
@@ -176,19 +169,7 @@ def test_bad_weights_are_one_short_line(
     # BatchNorm fills in a missing num_batches_tracked (older files have none)
     n = sum(not k.endswith("num_batches_tracked") for k in tinynet.tiny().state_dict())
     messages = [m.format(n=n, more=n - 3) for m in messages]
-    result, err = run(
-        capsys,
-        "finetune",
-        "--model",
-        "tinynet:tiny",
-        "--weights",
-        weights,
-        "--data",
-        data,
-        "--out",
-        out_dir / "ft.pt",
-        *FAST,
-    )
+    result, err = finetune_tiny(capsys, data, "--weights", weights, "--out", out_dir / "ft.pt")
     assert result == status
     line = one_line_error(err)
     assert all(m in line for m in messages), line
@@ -228,17 +209,7 @@ def test_image_suffixed_file_that_is_no_image_is_skipped_and_counted(
     dataset = image_folder(data / "train", None, "train")
     assert [Path(p).name for p, _ in dataset.samples].count("bad.png") == 0
     assert dataset.skipped_files == 1
-    status, err = run(
-        capsys,
-        "finetune",
-        "--model",
-        "tinynet:tiny",
-        "--data",
-        data,
-        "--out",
-        out_dir / "ft.pt",
-        *FAST,
-    )
+    status, err = finetune_tiny(capsys, data, "--out", out_dir / "ft.pt")
     assert status == 0, err
     assert "skipped 2 non-image files" in err
     only_bad = tmp_path / "bad"
@@ -252,32 +223,12 @@ def test_val_without_train_is_refused_and_train_without_val_says_so(
     tmp_path, capsys, code, out_dir
 ):
     only_val = make_image_folder(tmp_path / "v" / "val")
-    status, err = run(
-        capsys,
-        "finetune",
-        "--model",
-        "tinynet:tiny",
-        "--data",
-        only_val.parent,
-        "--out",
-        out_dir / "ft.pt",
-        *FAST,
-    )
+    status, err = finetune_tiny(capsys, only_val.parent, "--out", out_dir / "ft.pt")
     assert status == 2
     assert f"no train/ folder in {only_val.parent}" in one_line_error(err)
     assert list(out_dir.iterdir()) == []
     only_train = make_image_folder(tmp_path / "t" / "train", per_class=4).parent
-    status, err = run(
-        capsys,
-        "finetune",
-        "--model",
-        "tinynet:tiny",
-        "--data",
-        only_train,
-        "--out",
-        out_dir / "ft.pt",
-        *FAST,
-    )
+    status, err = finetune_tiny(capsys, only_train, "--out", out_dir / "ft.pt")
     assert status == 0, err
     assert f"note: {only_train} has no val/ folder, so no validation is done" in err
 
@@ -297,7 +248,7 @@ def test_out_checkpoint_and_plot_must_be_different_files(
     capsys, code, data, out_dir, extra, message
 ):
     extra = [a.format(out=out_dir) for a in extra]
-    status, err = run(capsys, "finetune", "--model", "tinynet:tiny", "--data", data, *extra, *FAST)
+    status, err = finetune_tiny(capsys, data, *extra)
     assert status == 2 and message in one_line_error(err)
     assert list(out_dir.iterdir()) == []
 
