@@ -10,10 +10,10 @@ import textwrap
 import pytest
 import timm
 import torch
+from test_export_cli import assert_one_line_error, run
 
 import dynconvert
 from dynconvert import DynconvertError
-from dynconvert.cli import main
 from dynconvert.recipes import load_recipe
 
 TIMM_NAME = "test_resnet"  # timm's tiny test model
@@ -24,20 +24,6 @@ ARCH = f"{TINY}:net"
 @pytest.fixture(autouse=True)
 def _wide_console(monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # rich folds long names in narrow tables
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(err: str, *fragments: str) -> str:
-    errors = [line for line in err.splitlines() if line.lower().startswith("error")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in errors[0], err
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -36,11 +36,12 @@ def run(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
-def assert_one_line_error(err: str, *fragments: str) -> None:
+def assert_one_line_error(err: str, *fragments: str) -> str:
     errors = [line for line in err.splitlines() if line.lower().startswith("error")]
     assert len(errors) == 1 and "Traceback" not in err, err
     for fragment in fragments:
         assert fragment in errors[0], err
+    return errors[0]
 
 
 def test_export_writes_a_verified_file(saved, tmp_path, capsys):
