@@ -1,6 +1,7 @@
 """Dynamic layers inside the contexts users run them in: ``torch.inference_mode`` (Lightning's
 validation), non-reentrant activation checkpointing (timm's ``set_grad_checkpointing``),
-weights edited through ``.data``, and ``from_conv`` of convs that must not be swapped."""
+``torch.func`` transforms (per-sample gradients, forward-mode AD), weights edited through
+``.data``, and ``from_conv`` of convs that must not be swapped."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from conftest import rel_err
 from timm.layers import Conv2dSame, StdConv2dSame
 from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
 from torch.utils.checkpoint import checkpoint
 
 from dynconvert import DynamicConv2d
@@ -165,3 +167,54 @@ def test_output_memory_format_follows_nn_conv2d_for_every_padding(
     for layout in (torch.channels_last, torch.contiguous_format):
         assert want.is_contiguous(memory_format=layout) == got.is_contiguous(memory_format=layout)
     assert rel_err(got, want) < 1e-5
+
+
+FORCED = ["auto", "grouped", "unfold", "loop", "packed", "static"]
+
+
+@pytest.mark.parametrize("strategy", FORCED)
+def test_per_sample_gradients_with_torch_func_in_training_mode(strategy):
+    """vmap(grad(...)) (Opacus-style per-sample gradients) equals one backward per sample,
+    in float64, with the memory-lean backward switched on as by default."""
+    torch.manual_seed(0)
+    layer = moved_router(DynamicConv2d(6, 8, 3, padding=1, strategy=strategy)).double().train()
+    x = torch.randn(4, 6, 7, 7, dtype=torch.float64)
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+
+    def loss(weights, sample):
+        return functional_call(layer, weights, (sample.unsqueeze(0),)).square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for b in range(x.shape[0]):
+        layer.zero_grad()
+        layer(x[b : b + 1]).square().sum().backward()
+        for name, p in layer.named_parameters():
+            assert rel_err(per_sample[name][b], p.grad) < 1e-10, (name, b)
+
+
+@pytest.mark.parametrize("strategy", FORCED)
+def test_vmap_forward_in_eval_then_the_plain_call(strategy):
+    """Under vmap every strategy runs as pure tensor ops; the reused buffers of the plain
+    call (large layer) are not disturbed by it."""
+    torch.manual_seed(0)
+    layer = moved_router(DynamicConv2d(CHANNELS, CHANNELS, 3, padding=1, strategy=strategy))
+    x = torch.randn(3, CHANNELS, 8, 8)
+    want = reference(layer, x)
+    layer.eval()
+    with torch.no_grad():
+        assert rel_err(layer(x), want) < 1e-5
+        assert rel_err(vmap(lambda sample: layer(sample.unsqueeze(0))[0])(x), want) < 1e-5
+        assert rel_err(layer(x), want) < 1e-5
+
+
+@pytest.mark.parametrize("strategy", ["auto", "loop", "unfold"])
+def test_forward_mode_jvp_matches_a_central_difference(strategy):
+    torch.manual_seed(0)
+    layer = moved_router(DynamicConv2d(6, 8, 3, padding=1, strategy=strategy)).double().train()
+    x, direction = torch.randn(2, 3, 6, 7, 7, dtype=torch.float64).unbind(0)
+    out, tangent = jvp(layer, (x,), (direction,))
+    eps = 1e-6
+    with torch.no_grad():
+        central = (layer(x + eps * direction) - layer(x - eps * direction)) / (2 * eps)
+        assert rel_err(out, layer(x)) < 1e-12
+    assert rel_err(tangent, central) < 1e-7

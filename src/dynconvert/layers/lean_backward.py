@@ -54,6 +54,15 @@ def lean_backward_enabled() -> bool:
     return _enabled
 
 
+def func_transforms_active() -> bool:
+    """True inside ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ...).
+
+    :class:`LeanDynamicConv` has no vmap rule, so under them autograd (or the transform)
+    records the strategy itself.
+    """
+    return torch._C._are_functorch_transforms_active()
+
+
 def _fold_backward(ctx, x, mixed, grad_out, need_x, need_mixed):
     """One batch-folded ``convolution_backward`` (groups ``B·g``)."""
     stride, padding, dilation, groups = ctx.geometry

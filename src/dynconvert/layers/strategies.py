@@ -35,7 +35,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import autotune
-from .lean_backward import backward_kind, lean_backward_enabled, lean_forward
+from .lean_backward import (
+    backward_kind,
+    func_transforms_active,
+    lean_backward_enabled,
+    lean_forward,
+)
 from .prepacked import packed_conv
 from .unfold import unfold_conv
 from .workspace import recording, scratch
@@ -197,6 +202,11 @@ def _graph_capture() -> bool:
 
 def select_strategy(layer: DynamicConvNd, x: torch.Tensor) -> str:
     """The ``'auto'`` choice: the layer's forced strategy, else one picked by shape and mode."""
+    if func_transforms_active() and layer.strategy != "static":
+        # vmap cannot batch what loop, dense and packed read on the host (attention values,
+        # data pointers) nor unfold's in-place writes; grouped is the same function in pure
+        # tensor ops, and a timing on wrapped tensors would mean nothing.
+        return "grouped"
     if layer.strategy != "auto":
         return layer.strategy
     # A branch on the batch size would bake the export batch into the graph.
@@ -210,7 +220,7 @@ def run_strategy(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> t
 
     While autograd records, every strategy but ``static`` (whose graph holds no mixed
     kernels, and which export traces) runs under the memory-lean backward, unless it is
-    switched off (then autograd records the strategy itself).
+    switched off or ``torch.func`` transforms run (then autograd records the strategy itself).
     """
     name = select_strategy(layer, x)
     records = recording(x, layer.weight, attn, layer.bias)
@@ -223,6 +233,7 @@ def run_strategy(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> t
         and name != "static"
         and not _graph_capture()
         and not torch.compiler.is_compiling()
+        and not func_transforms_active()  # torch.func differentiates the strategy itself
     )
     if lean:
         return lean_forward(layer, x, attn, strategy, backward_kind(layer, name))
