@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -24,6 +25,7 @@ from torch import nn
 import dynconvert
 from dynconvert import DynconvertError
 from dynconvert.export import FORMATS, TOLERANCE, modes
+from dynconvert.export.api import _weight_bytes
 from dynconvert.export.verify import compare
 
 FORMAT_NAMES = tuple(FORMATS)
@@ -179,6 +181,25 @@ def test_nan_in_the_exported_file_fails_verification(models, tmp_path, monkeypat
             models("mixed"), tmp_path / "nan.ts", "torchscript", input_size=Mixed.input_size,
             show=False,
         )  # fmt: skip
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+@pytest.mark.parametrize("name", MODELS)
+def test_free_space_estimate_is_a_lower_bound_of_the_file(exported, models, name, fmt):
+    """The up-front disk check never refuses a file that would fit (weights ≤ file size)."""
+    path, _ = exported(name, fmt)
+    assert 0 < _weight_bytes(models(name)) <= path.stat().st_size
+
+
+def test_a_disk_without_room_is_refused_before_the_exporter_runs(models, tmp_path, monkeypatch):
+    """torch's exporters abort the process on a full disk; the check must come first."""
+    model = models("mixed")
+    free = _weight_bytes(model) // 2
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, free))
+    monkeypatch.setitem(FORMATS, "pt2", dataclasses.replace(FORMATS["pt2"], write=None))
+    with pytest.raises(DynconvertError, match=r"needs about 0\.0 MiB and its disk has 0\.0 MiB"):
+        dynconvert.export(model, tmp_path / "m.pt2", "pt2", input_size=Mixed.input_size, show=False)
     assert _leftovers(tmp_path) == []
 
 

@@ -154,6 +154,14 @@ def _probe(model: nn.Module, example: torch.Tensor, input_size: tuple[int, ...])
         ) from exc
 
 
+def _weight_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers, each shared tensor once."""
+    seen = {}
+    for tensor in model.state_dict(keep_vars=True).values():
+        seen.setdefault(tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+    return sum(seen.values())
+
+
 def _show(rows: list[dict[str, Any]], title: str) -> None:
     from rich.console import Console
 
@@ -189,7 +197,7 @@ def export(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    from ..io import atomic_output, check_output_path
+    from ..io import atomic_output, check_free_space, check_output_path
 
     name, sizes = _check_arguments(format, batch_sizes, opset)
     fmt = FORMATS[name]
@@ -208,6 +216,8 @@ def export(
         with modes.eval_mode(target):
             folded = fold_batchnorms(target)
 
+    # The exporters abort the whole process on a full disk, so refuse up front.
+    check_free_space(path, _weight_bytes(target), f"the {name} file (its weights alone)")
     result = ExportResult(path=path, format=name, input_size=size, folded=folded)
     with atomic_output(path, suffix=path.suffix) as tmp:
         start = time.perf_counter()

@@ -44,6 +44,7 @@ from .files import (
     atomic_output,
     atomic_torch_save,
     atomic_write_text,
+    check_free_space,
     check_output_path,
     safe_torch_load,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "atomic_output",
     "atomic_torch_save",
     "atomic_write_text",
+    "check_free_space",
     "check_output_path",
     "load",
     "read",

@@ -36,6 +36,20 @@ def check_output_path(path: Path) -> None:
         raise DynconvertError(f"cannot write {path}: folder {folder} is not writable")
 
 
+def check_free_space(path: Path, needed_bytes: int, what: str) -> None:
+    """Fail before writing when ``path``'s disk has less room than ``needed_bytes`` (plus 1%).
+
+    For writers that cannot be stopped cleanly once the disk fills (torch's exporters abort
+    the process from C++), so the estimate is checked first.
+    """
+    free = shutil.disk_usage(path.parent).free
+    if free < needed_bytes * 1.01:
+        raise DynconvertError(
+            f"cannot write {path}: {what} needs about {needed_bytes / 2**20:.1f} MiB and its "
+            f"disk has {free / 2**20:.1f} MiB free; free some space or write elsewhere"
+        )
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary path beside ``path`` for the caller to write.
