@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -103,12 +104,15 @@ def peak_memory_of(step: Callable[[], object], device: torch.device) -> int:
 
 def run_isolated(module: str, args: list[str], timeout: float = 900) -> dict:
     """Run ``python -m module *args`` and parse the JSON it prints last."""
+    # The child imports what this process can (a user's ``--model`` module included).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = subprocess.run(
         [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env=env,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{module} {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
@@ -122,14 +126,17 @@ def is_saved_file(spec: str) -> bool:
     return Path(spec).suffix in {".pt", ".pth"} or Path(spec).is_file()
 
 
-def load_pair(spec: str, k: int = 4, strategy: str = "auto"):
-    """(static model, dynamic model, conversion seconds or None) for a timm name or a file."""
+def load_pair(spec: str, k: int = 4, strategy: str = "auto", architecture=None):
+    """(static model, dynamic model, conversion seconds or None) for a timm name or a file.
+
+    ``architecture``: the module a saved custom model's file is loaded into (``--model``).
+    """
     import copy
 
     if is_saved_file(spec):
         import dynconvert
 
-        dynamic = dynconvert.load(spec)
+        dynamic = dynconvert.load(spec, model=architecture)
         if strategy != "auto":
             set_strategy(dynamic, strategy)
         from .finetune.models import static_twin
@@ -197,9 +204,15 @@ def input_for(model: torch.nn.Module, batch: int, input_size=None) -> torch.Tens
 
 
 def _memory_child(argv: list[str]) -> None:
-    """``python -m dynconvert.benchmark SPEC VARIANT BATCH K [C H W]``: print the step's peak."""
-    spec, variant, batch, k, *size = argv
-    static, dynamic, _ = load_pair(spec, int(k))
+    """``python -m dynconvert.benchmark SPEC VARIANT BATCH K STRATEGY ARCH [C H W]``: print
+    the step's peak (``ARCH``: a ``package.module:function`` or ``-``)."""
+    spec, variant, batch, k, strategy, arch, *size = argv
+    architecture = None
+    if arch != "-":
+        from .finetune.models import load_user_model
+
+        architecture = load_user_model(arch)
+    static, dynamic, _ = load_pair(spec, int(k), strategy, architecture)
     model = static if variant == "static" else dynamic
     del static, dynamic
     x = input_for(model, int(batch), tuple(int(s) for s in size) or None)
@@ -209,9 +222,21 @@ def _memory_child(argv: list[str]) -> None:
     print(json.dumps({"spec": spec, "variant": variant, "batch": int(batch), "peak_bytes": peak}))
 
 
-def step_peak_memory(spec: str, variant: str, batch: int, k: int, input_size=None) -> int:
-    """Peak memory of one training step of ``variant`` ('static' or 'dynconvert'), isolated."""
-    args = [spec, variant, str(batch), str(k), *(str(s) for s in (input_size or ()))]
+def step_peak_memory(
+    spec: str,
+    variant: str,
+    batch: int,
+    k: int,
+    input_size=None,
+    strategy: str = "auto",
+    architecture: str | None = None,
+) -> int:
+    """Peak memory of one training step of ``variant`` ('static' or 'dynconvert'), isolated.
+
+    ``architecture``: the ``package.module:function`` that builds a saved custom model.
+    """
+    args = [spec, variant, str(batch), str(k), strategy, architecture or "-"]
+    args += [str(s) for s in (input_size or ())]
     return run_isolated("dynconvert.benchmark", args)["peak_bytes"]
 
 

@@ -5,8 +5,8 @@ stem become dynamic) or a file saved by dynconvert (its static twin, each dynami
 by a plain conv of the same shape, is the baseline). Static and dynamic are timed
 round-robin (median of ``--rounds``): eval latency at ``--batch-size``, one training step
 (forward + backward + SGD) and, each in a fresh process, that step's peak memory. A file
-that holds a custom (non-timm) model needs ``--model package.module:function``; its peak
-memory is not measured (the fresh process rebuilds models from the file alone).
+that holds a custom (non-timm) model needs ``--model package.module:function``, which the
+fresh processes import too.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def _load_pair(model_spec: str, architecture: str | None, k: int, strategy: str)
     return static_twin(dynamic), dynamic, None
 
 
-def _measure(model_spec, pair, batch, input_size, k, rounds, train, memory) -> dict:
+def _measure(model_spec, pair, batch, input_size, k, rounds, train, memory, strategy,
+             architecture) -> dict:  # fmt: skip
     import torch
 
     from ..benchmark import (
@@ -85,8 +86,10 @@ def _measure(model_spec, pair, batch, input_size, k, rounds, train, memory) -> d
     if memory and train:
         size = input_size or tuple(x.shape[1:])
         result["peak_bytes"] = {
-            "static": step_peak_memory(model_spec, "static", batch, k, size),
-            "dynamic": step_peak_memory(model_spec, "dynconvert", batch, k, size),
+            variant: step_peak_memory(
+                model_spec, name, batch, k, size, strategy=strategy, architecture=architecture
+            )
+            for variant, name in (("static", "static"), ("dynamic", "dynconvert"))
         }
     return result
 
@@ -146,16 +149,11 @@ def bench_command(
         check_output_path(json_path)  # before the measurement, which takes minutes
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     pair = _load_pair(model, architecture, k, strategy)
-    if architecture is not None and memory and train:
-        memory = False
-        click.echo(
-            "note: with --model the peak memory is not measured (its fresh process "
-            "rebuilds the model from the file alone)",
-            err=True,
-        )
     console = Console()
     with console.status("measuring (static and dynamic interleaved)..."):
-        result = _measure(model, pair, batch_size, input_size, k, rounds, train, memory)
+        result = _measure(
+            model, pair, batch_size, input_size, k, rounds, train, memory, strategy, architecture
+        )
     console.print(_table(result))
     if json_path is not None:
         atomic_write_text(json.dumps(result, indent=1), json_path)
