@@ -43,14 +43,19 @@ def moved_router(layer: DynamicConv2d) -> DynamicConv2d:
     return layer
 
 
+def large_layer_in_eval(strategy: str, batch: int):
+    """(layer in eval mode with a moved router, input, float64 reference output)."""
+    torch.manual_seed(0)
+    layer = moved_router(DynamicConv2d(CHANNELS, CHANNELS, 3, padding=1, strategy=strategy))
+    x = torch.randn(batch, CHANNELS, 8, 8)
+    want = reference(layer, x)
+    return layer.eval(), x, want
+
+
 @pytest.mark.parametrize("strategy", ["grouped", "unfold", "loop", "packed"])
 def test_inference_mode_forward_then_eval_and_training_steps(strategy):
     """Buffers first made under inference_mode are reused by later calls outside it."""
-    torch.manual_seed(0)
-    layer = moved_router(DynamicConv2d(CHANNELS, CHANNELS, 3, padding=1, strategy=strategy))
-    x = torch.randn(2, CHANNELS, 8, 8)
-    want = reference(layer, x)
-    layer.eval()
+    layer, x, want = large_layer_in_eval(strategy, batch=2)
     with torch.inference_mode():
         assert rel_err(layer(x), want) < 1e-5
     with torch.no_grad():
@@ -196,11 +201,7 @@ def test_per_sample_gradients_with_torch_func_in_training_mode(strategy):
 def test_vmap_forward_in_eval_then_the_plain_call(strategy):
     """Under vmap every strategy runs as pure tensor ops; the reused buffers of the plain
     call (large layer) are not disturbed by it."""
-    torch.manual_seed(0)
-    layer = moved_router(DynamicConv2d(CHANNELS, CHANNELS, 3, padding=1, strategy=strategy))
-    x = torch.randn(3, CHANNELS, 8, 8)
-    want = reference(layer, x)
-    layer.eval()
+    layer, x, want = large_layer_in_eval(strategy, batch=3)
     with torch.no_grad():
         assert rel_err(layer(x), want) < 1e-5
         assert rel_err(vmap(lambda sample: layer(sample.unsqueeze(0))[0])(x), want) < 1e-5
