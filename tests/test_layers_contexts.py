@@ -1,7 +1,7 @@
 """Dynamic layers inside the contexts users run them in: ``torch.inference_mode`` (Lightning's
 validation), non-reentrant activation checkpointing (timm's ``set_grad_checkpointing``),
-``torch.func`` transforms (per-sample gradients, forward-mode AD), weights edited through
-``.data``, and ``from_conv`` of convs that must not be swapped."""
+``torch.func`` transforms (per-sample gradients, forward-mode AD), ``torch.compile``, weights
+edited through ``.data``, and ``from_conv`` of convs that must not be swapped."""
 
 from __future__ import annotations
 
@@ -219,3 +219,30 @@ def test_forward_mode_jvp_matches_a_central_difference(strategy):
         central = (layer(x + eps * direction) - layer(x - eps * direction)) / (2 * eps)
         assert rel_err(out, layer(x)) < 1e-12
     assert rel_err(tangent, central) < 1e-7
+
+
+def test_torch_compile_matches_eager_in_training_and_eval():
+    """aot_eager runs dynamo and AOTAutograd (what inductor starts from) without a C++
+    compiler; the strategy choice then comes from the cost model."""
+    torch.manual_seed(0)
+    layer = moved_router(DynamicConv2d(16, 16, 3, padding=1))
+    x = torch.randn(4, 16, 8, 8, requires_grad=True)
+    want = layer(x)
+    want.square().sum().backward()
+    want_grads = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    x.grad = None
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(layer, backend="aot_eager")
+        got = compiled(x)
+        got.square().sum().backward()
+        assert rel_err(got, want) < 1e-6
+        grads = [x.grad] + [p.grad for p in layer.parameters()]
+        for have, expected in zip(grads, want_grads, strict=True):
+            assert rel_err(have, expected) < 1e-5
+        layer.eval()
+        with torch.no_grad():
+            assert rel_err(compiled(x), reference(layer, x)) < 1e-5
+    finally:
+        torch._dynamo.reset()
