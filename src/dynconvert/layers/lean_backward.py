@@ -60,7 +60,8 @@ def func_transforms_active() -> bool:
     :class:`LeanDynamicConv` has no vmap rule, so under them autograd (or the transform)
     records the strategy itself.
     """
-    return torch._C._are_functorch_transforms_active()
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)  # private, torch 2.x
+    return bool(active and active())
 
 
 def _fold_backward(ctx, x, mixed, grad_out, need_x, need_mixed):
