@@ -11,3 +11,13 @@ class DynconvertError(Exception):
     def __init__(self, message: str, *, usage: bool = False) -> None:
         super().__init__(message)
         self.usage = usage
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first non-empty line`` of an exception, cut to ``limit`` characters: what a
+    one-line error can quote of a library's multi-line message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    message = lines[0] if lines else ""
+    if len(message) > limit:
+        message = message[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..errors import first_line
 from ..layers import DynamicConvNd
 
 _CONV_FUNCTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
@@ -129,14 +130,6 @@ class ConvTracer(fx.Tracer):
         if is_conv_module(m) or isinstance(m, self.notrace_modules):
             return True
         return super().is_leaf_module(m, module_qualified_name)
-
-
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).strip().splitlines()
-    message = text[0] if text else ""
-    if len(message) > limit:
-        message = message[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def _const(value: Any, dims: int) -> tuple[int, ...] | None:
@@ -339,7 +332,7 @@ def discover(
     try:
         graph = trace(model)
     except Exception as exc:  # any failure of symbolic tracing: fall back to the module tree
-        notes.append(f"fx tracing failed: {_first_line(exc)}; walked the module tree")
+        notes.append(f"fx tracing failed: {first_line(exc)}; walked the module tree")
     if graph is not None:
         functional_sites, functional = _analyse_graph(model, graph, sites)
     all_sites = sites + functional_sites
@@ -356,7 +349,7 @@ def discover(
             _clear_shapes(all_sites)
             order = []
             notes.append(
-                f"probe forward at input size {input_size} failed: {_first_line(exc)}; "
+                f"probe forward at input size {input_size} failed: {first_line(exc)}; "
                 "shapes and MACs unknown"
             )
         if graph is None and order and not any(s.is_stem for s in sites):

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DynconvertError
+from ..errors import DynconvertError, first_line
 from . import modes
 from .deps import check_available
 from .fold_bn import FoldedPair
@@ -133,14 +133,6 @@ def _check_arguments(
     return name, sizes
 
 
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    message = lines[0] if lines else ""
-    if len(message) > limit:
-        message = message[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
-
 def _probe(model: nn.Module, example: torch.Tensor, input_size: tuple[int, ...]) -> None:
     """One eval-mode forward, so that a wrong input size is one clear error, before any export."""
     try:
@@ -149,7 +141,7 @@ def _probe(model: nn.Module, example: torch.Tensor, input_size: tuple[int, ...])
     except Exception as exc:
         raise DynconvertError(
             f"{type(model).__name__} cannot take inputs of size {input_size} "
-            f"({_first_line(exc)}); give the size it expects with input_size= or --input-size",
+            f"({first_line(exc)}); give the size it expects with input_size= or --input-size",
             usage=True,
         ) from exc
 
@@ -228,7 +220,7 @@ def export(
             raise
         except Exception as exc:
             raise DynconvertError(
-                f"{name} export of {type(model).__name__} failed: {_first_line(exc)} "
+                f"{name} export of {type(model).__name__} failed: {first_line(exc)} "
                 "(rerun with --debug for the traceback)"
             ) from exc
         result.export_seconds = time.perf_counter() - start

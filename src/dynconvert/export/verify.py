@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import first_line
 from .formats import Runner, flat_tensors
 
 TOLERANCE = 1e-4
@@ -30,14 +31,6 @@ def random_batch(
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn((batch, *input_size), generator=generator, dtype=torch.float64)
     return x.to(like.device, like.dtype)
-
-
-def _first_line(exc: BaseException, limit: int = 160) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    message = lines[0] if lines else ""
-    if len(message) > limit:
-        message = message[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def compare(
@@ -88,7 +81,7 @@ def verify(
                 outputs = runner(x)
             error, scale, problem = compare(outputs, reference)
         except Exception as exc:  # the exported graph cannot run at this batch size
-            error, scale, problem = math.nan, math.nan, _first_line(exc)
+            error, scale, problem = math.nan, math.nan, first_line(exc, limit=160)
         relative = error / scale if scale > 0 else (0.0 if error == 0 else math.inf)
         ok = problem is None and error <= TOLERANCE * scale
         row.update(

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import DynconvertError
+from ..errors import DynconvertError, first_line
 from ..layers import DynamicConvNd
 
 
@@ -137,11 +137,6 @@ _IMPORTABLE = (
 )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
-
-
 def _factory(spec: str) -> Callable[[], object]:
     """The callable that ``package.module:function`` names, checked to take no arguments."""
     module_name, sep, attr = spec.partition(":")
@@ -156,12 +151,12 @@ def _factory(spec: str) -> Callable[[], object]:
                 usage=True,
             ) from None
         raise DynconvertError(
-            f"model: importing {module_name} (for {spec}) failed: {_first_line(exc)}; install "
+            f"model: importing {module_name} (for {spec}) failed: {first_line(exc)}; install "
             "what it imports"
         ) from exc
     except (Exception, SystemExit) as exc:  # SystemExit: script code run at import
         raise DynconvertError(
-            f"model: importing {module_name} (for {spec}) raised {_first_line(exc)}; fix the "
+            f"model: importing {module_name} (for {spec}) raised {first_line(exc)}; fix the "
             "module (rerun with --debug for the traceback)"
         ) from exc
     factory: object = module
@@ -201,7 +196,7 @@ def load_user_model(spec: str, weights: str | Path | None = None) -> nn.Module:
         raise
     except Exception as exc:
         raise DynconvertError(
-            f"model: {spec}() raised {_first_line(exc)}; fix it (rerun with --debug for the "
+            f"model: {spec}() raised {first_line(exc)}; fix it (rerun with --debug for the "
             "traceback)"
         ) from exc
     if not isinstance(model, nn.Module):
@@ -256,7 +251,7 @@ def _load_loosely(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]
             {k: v for k, v in state.items() if k not in skip}, strict=False
         )
     except RuntimeError as exc:  # a module's own loading check
-        return [_first_line(exc)]
+        return [first_line(exc)]
     missing = [k for k in result.missing_keys if k not in skip]
     problems = []
     for label, keys in (("missing", missing), ("unexpected", result.unexpected_keys),
