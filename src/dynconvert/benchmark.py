@@ -136,12 +136,7 @@ def load_pair(spec: str, k: int = 4, strategy: str = "auto", architecture=None):
     if is_saved_file(spec):
         import dynconvert
 
-        dynamic = dynconvert.load(spec, model=architecture)
-        if strategy != "auto":
-            set_strategy(dynamic, strategy)
-        from .finetune.models import static_twin
-
-        return static_twin(dynamic), dynamic, None
+        return saved_pair(dynconvert.load(spec, model=architecture), strategy)
     from . import convert
     from .models import build_timm_model
 
@@ -150,6 +145,16 @@ def load_pair(spec: str, k: int = 4, strategy: str = "auto", architecture=None):
     start = time.perf_counter()
     convert(dynamic, k, strategy=strategy)
     return static, dynamic, time.perf_counter() - start
+
+
+def saved_pair(dynamic: torch.nn.Module, strategy: str = "auto"):
+    """(its static twin, the loaded dynamic model, None): a file's baseline is each dynamic
+    conv replaced by a plain conv of the same shape; there is no conversion to time."""
+    from .finetune.models import static_twin
+
+    if strategy != "auto":
+        set_strategy(dynamic, strategy)
+    return static_twin(dynamic), dynamic, None
 
 
 def set_strategy(model: torch.nn.Module, strategy: str) -> None:

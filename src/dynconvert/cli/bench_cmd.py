@@ -29,8 +29,7 @@ def _mib(n: int) -> str:
 def _load_pair(model_spec: str, architecture: str | None, k: int, strategy: str):
     """(static, dynamic, conversion seconds or None), as ``benchmark.load_pair``, with the
     CLI's checks and errors for a file (missing, a folder, a custom model)."""
-    from ..benchmark import load_pair, set_strategy
-    from ..finetune.models import static_twin
+    from ..benchmark import load_pair, saved_pair
     from .convert_cmd import is_saved_file
     from .params import build_architecture, check_model_path, load_saved
 
@@ -44,10 +43,7 @@ def _load_pair(model_spec: str, architecture: str | None, k: int, strategy: str)
         return load_pair(model_spec, k, strategy)
     path = Path(model_spec)
     check_model_path(path)
-    dynamic = load_saved(path, build_architecture(architecture))
-    if strategy != "auto":
-        set_strategy(dynamic, strategy)
-    return static_twin(dynamic), dynamic, None
+    return saved_pair(load_saved(path, build_architecture(architecture)), strategy)
 
 
 def _measure(model_spec, pair, batch, input_size, k, rounds, train, memory, strategy,
