@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -19,9 +20,29 @@ from .select import Decision, decide, validate
 _DEFAULTS = ConvertConfig()
 
 
+class _Default:
+    """A keyword left at its :class:`ConvertConfig` default, so that ``config=`` plus an
+    explicit keyword is refused even when the keyword's value equals the default."""
+
+    def __init__(self, name: str) -> None:
+        self.value = getattr(_DEFAULTS, name)
+
+    def __repr__(self) -> str:  # help(convert) shows the plain default
+        return repr(self.value)
+
+
+#: The keyword defaults of :func:`convert`, one per :class:`ConvertConfig` field.
+_D: dict[str, Any] = {f.name: _Default(f.name) for f in dataclasses.fields(ConvertConfig)}
+
+
+def _count(params) -> int:
+    """Parameters of ``params``; lazy ones, whose size is not known yet, count 0."""
+    return sum(p.numel() for p in params if not isinstance(p, nn.parameter.UninitializedParameter))
+
+
 def _params(module: nn.Module | None, site: ConvSite, model: nn.Module) -> int | None:
     if module is not None:
-        return sum(p.numel() for p in module.parameters())
+        return _count(module.parameters())
     if site.kernel_size is None or site.out_channels is None or site.groups is None:
         return None
     # functional conv: the weight it reads (its bias, if any, is not known from the graph)
@@ -45,7 +66,7 @@ def _row(decision: Decision, new: nn.Module | None, config: ConvertConfig, model
     macs_before = _macs(site)
     params_after, macs_after = params_before, macs_before
     if new is not None:
-        params_after = sum(p.numel() for p in new.parameters())
+        params_after = _count(new.parameters())
         if macs_before is not None:
             macs_after = macs_before + sum(
                 dynamic_overhead_macs(
@@ -81,10 +102,11 @@ def _row(decision: Decision, new: nn.Module | None, config: ConvertConfig, model
 
 
 def _config_from(options: dict[str, Any], config: ConvertConfig | None) -> ConvertConfig:
+    given = {k: v for k, v in options.items() if not isinstance(v, _Default)}
     if config is not None:
         if not isinstance(config, ConvertConfig):
             raise TypeError(f"config: expected a ConvertConfig, got {type(config).__name__}")
-        mixed = sorted(k for k, v in options.items() if v != getattr(_DEFAULTS, k))
+        mixed = sorted(given)
         if mixed:
             raise DynconvertError(
                 f"convert: pass options either in config= or as keywords, not both "
@@ -93,27 +115,27 @@ def _config_from(options: dict[str, Any], config: ConvertConfig | None) -> Conve
             )
         return config
     try:
-        return ConvertConfig(**options)
+        return ConvertConfig(**given)
     except (TypeError, ValueError) as exc:
         raise DynconvertError(str(exc), usage=True) from exc
 
 
 def convert(
     model: nn.Module,
-    k: int = 4,
+    k: int = _D["k"],
     *,
-    include: str | list[str] | None = None,
-    exclude: str | list[str] | None = None,
-    skip_stem: bool = True,
-    min_channels: int = 1,
-    depthwise: str = "convert",
-    ratio: float = 0.25,
-    temperature: float = 1.0,
-    dims: tuple[int, ...] = (1, 2, 3),
-    noise: float = 0.01,
-    strategy: str = "auto",
-    seed: int = 0,
-    input_size: tuple[int, ...] | None = None,
+    include: str | list[str] | None = _D["include"],
+    exclude: str | list[str] | None = _D["exclude"],
+    skip_stem: bool = _D["skip_stem"],
+    min_channels: int = _D["min_channels"],
+    depthwise: str = _D["depthwise"],
+    ratio: float = _D["ratio"],
+    temperature: float = _D["temperature"],
+    dims: tuple[int, ...] = _D["dims"],
+    noise: float = _D["noise"],
+    strategy: str = _D["strategy"],
+    seed: int = _D["seed"],
+    input_size: tuple[int, ...] | None = _D["input_size"],
     example_input: torch.Tensor | None = None,
     config: ConvertConfig | None = None,
 ) -> tuple[nn.Module, ConversionReport]:
@@ -152,7 +174,7 @@ def convert(
     chosen = sorted((d for d in decisions if d.converted), key=lambda d: order[id(d.site.module)])
     built = {id(d.site.module): d.converter(d.site.module, config, generator) for d in chosen}
 
-    params_before = sum(p.numel() for p in model.parameters())
+    params_before = _count(model.parameters())
     rows = [_row(d, built.get(id(d.site.module)) if d.converted else None, config, model)
             for d in decisions]  # fmt: skip
     swap_modules(model, [(d.site.module, built[id(d.site.module)]) for d in chosen])
@@ -164,6 +186,6 @@ def convert(
         traced=discovery.traced,
         config=config.to_dict(),
         model_params_before=params_before,
-        model_params_after=sum(p.numel() for p in model.parameters()),
+        model_params_after=_count(model.parameters()),
     )
     return model, report

@@ -21,10 +21,9 @@ from torch import nn
 
 from ..errors import first_line
 from ..layers import DynamicConvNd
+from .probe import HARMLESS_PARAM_ATTRS, clear_shapes, example_for, probe
 
 _CONV_FUNCTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
-# Reading these from a conv's weight stays valid after the swap.
-_HARMLESS_ATTRS = {"dtype", "device", "requires_grad", "is_cuda"}
 
 
 @dataclass
@@ -171,9 +170,8 @@ def _functional_site(model: nn.Module, node: fx.Node, dims: int, index: int) -> 
 def _analyse_graph(
     model: nn.Module, graph: fx.Graph, sites: list[ConvSite]
 ) -> tuple[list[ConvSite], dict[fx.Node, ConvSite]]:
-    """Call counts, stems, parameter reads and functional convs, from the traced graph."""
+    """Call counts, stems and functional convs, from the traced graph."""
     by_module = {id(s.module): s for s in sites}
-    by_name = {name: s for s in sites for name in s.names}
     conv_containers = {
         name for name, m in model.named_modules() if any(is_conv_module(c) for c in m.modules())
     }
@@ -199,18 +197,6 @@ def _analyse_graph(
             is_conv = True
         else:
             is_conv = False
-            if node.op == "get_attr" and "." in str(node.target):
-                owner, attr = str(node.target).rsplit(".", 1)
-                owner_site = by_name.get(owner)
-                if owner_site is not None and attr in ("weight", "bias"):
-                    for user in node.users:
-                        harmless = (
-                            user.op == "call_function"
-                            and user.target is getattr
-                            and user.args[1] in _HARMLESS_ATTRS
-                        )
-                        if not harmless:
-                            owner_site.param_use = f"its {attr} is read outside its forward"
         if site is not None and node.args:
             first = node.args[0]
             if isinstance(first, fx.Node) and reads_input[first] and not crossed_conv[first]:
@@ -221,8 +207,42 @@ def _analyse_graph(
     return list(functional.values()), functional
 
 
+def mark_param_reads(graph: fx.Graph, sites: list[ConvSite]) -> None:
+    """Note each conv whose weight or bias the graph reads outside the conv's own call."""
+    by_name = {name: s for s in sites for name in s.names}
+    for node in graph.nodes:
+        if node.op != "get_attr" or "." not in str(node.target):
+            continue
+        owner, attr = str(node.target).rsplit(".", 1)
+        site = by_name.get(owner)
+        if site is None or attr not in ("weight", "bias") or site.param_use:
+            continue
+        for user in node.users:
+            harmless = (
+                user.op == "call_function"
+                and user.target is getattr
+                and user.args[1] in HARMLESS_PARAM_ATTRS
+            )
+            if not harmless:
+                site.param_use = f"its {attr} is read outside its forward"
+
+
 def trace(model: nn.Module) -> fx.Graph:
     return ConvTracer().trace(model)
+
+
+def trace_other_mode(model: nn.Module) -> fx.Graph:
+    """The graph of the mode the model is not in (``self.training`` branches differ).
+
+    Every module's training flag is restored afterwards.
+    """
+    training = {m: m.training for m in model.modules()}
+    try:
+        model.train(not model.training)
+        return trace(model)
+    finally:
+        for module, flag in training.items():
+            module.training = flag
 
 
 def default_input_size(model: nn.Module) -> tuple[int, ...] | None:
@@ -234,84 +254,12 @@ def default_input_size(model: nn.Module) -> tuple[int, ...] | None:
     return None
 
 
-def _example_for(model: nn.Module, input_size: tuple[int, ...]) -> torch.Tensor:
-    tensor = next(model.parameters(), None)
-    if tensor is None:
-        tensor = next(model.buffers(), torch.empty(0))
-    dtype = tensor.dtype if tensor.is_floating_point() else torch.get_default_dtype()
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn((1, *input_size), generator=generator, dtype=dtype).to(tensor.device)
-
-
-def _per_sample(shape: torch.Size, dims: int) -> tuple[int, ...]:
-    shape = tuple(shape)
-    return shape[1:] if len(shape) == dims + 2 else shape
-
-
-class _Recorder(fx.Interpreter):
-    """Runs the traced graph, recording the shapes of the functional conv calls."""
-
-    def __init__(self, gm: fx.GraphModule, functional: dict[fx.Node, ConvSite]) -> None:
-        super().__init__(gm)
-        self.functional = functional
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        site = self.functional.get(n)
-        if site is not None and isinstance(n.args[0], fx.Node):
-            site.input_shapes.append(_per_sample(self.env[n.args[0]].shape, site.dims))
-            site.output_shapes.append(_per_sample(out.shape, site.dims))
-        return out
-
-
-def _probe(
-    model: nn.Module,
-    sites: list[ConvSite],
-    example: torch.Tensor,
-    graph: fx.Graph | None,
-    functional: dict[fx.Node, ConvSite],
-) -> list[ConvSite]:
-    """One eval-mode forward with hooks; returns the conv modules in the order they ran."""
-    order: list[ConvSite] = []
-    counts: dict[int, int] = {}
-
-    def hook(site: ConvSite):
-        def record(module: nn.Module, args: tuple, output: Any) -> None:
-            counts[id(site)] = counts.get(id(site), 0) + 1
-            if id(site) not in {id(s) for s in order}:
-                order.append(site)
-            if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
-                site.input_shapes.append(_per_sample(args[0].shape, site.dims))
-                site.output_shapes.append(_per_sample(output.shape, site.dims))
-                if args[0] is example:
-                    site.is_stem = True
-
-        return record
-
-    handles = [s.module.register_forward_hook(hook(s)) for s in sites if s.module is not None]
-    training = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            if functional and graph is not None:
-                _Recorder(fx.GraphModule(model, graph), functional).run(example)
-            else:
-                model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, flag in training.items():
-            module.training = flag
-    for site in sites:
-        if site.module is not None:
-            site.calls = counts.get(id(site), 0)
-    return order
-
-
-def _clear_shapes(sites: list[ConvSite]) -> None:
-    for site in sites:
-        site.input_shapes.clear()
-        site.output_shapes.clear()
+def _lazy_modules(model: nn.Module) -> list[str]:
+    return [
+        name
+        for name, m in model.named_modules()
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in m._parameters.values())
+    ]
 
 
 def discover(
@@ -322,31 +270,48 @@ def discover(
     """All convolutions of ``model`` with what the graph and one probe forward say about them.
 
     Nothing about the model changes (training flags are restored; the probe runs in eval mode
-    without grad).
+    without grad, and not at all while lazy modules would be initialised by it).
     """
     notes: list[str] = []
     sites = _module_sites(model)
     graph: fx.Graph | None = None
     functional: dict[fx.Node, ConvSite] = {}
     functional_sites: list[ConvSite] = []
+
+    # 1. Trace the model as it is; a parameter read under `if self.training:` shows only in
+    #    the other mode's graph, so that one is read for parameter reads too.
     try:
         graph = trace(model)
     except Exception as exc:  # any failure of symbolic tracing: fall back to the module tree
         notes.append(f"fx tracing failed: {first_line(exc)}; walked the module tree")
     if graph is not None:
         functional_sites, functional = _analyse_graph(model, graph, sites)
+        mark_param_reads(graph, sites)
+        try:
+            mark_param_reads(trace_other_mode(model), sites)
+        except Exception as exc:
+            mode = "eval" if model.training else "train"
+            notes.append(f"fx tracing in {mode} mode failed: {first_line(exc)}")
     all_sites = sites + functional_sites
 
+    # 2. Run it once on an example input: shapes, call counts, and parameter reads that ran.
     if example_input is None and input_size is None:
         input_size = default_input_size(model)
     if example_input is None and input_size is not None:
-        example_input = _example_for(model, input_size)
-    if example_input is not None:
+        example_input = example_for(model, input_size)
+    lazy = _lazy_modules(model)
+    if example_input is not None and lazy:
+        notes.append(
+            f"no probe forward: it would initialise lazy modules ({lazy[0]!r}); "
+            "run one forward first for shapes and MACs"
+        )
+        example_input = None
+    elif example_input is not None:
         input_size = tuple(example_input.shape[1:])
         try:
-            order = _probe(model, sites, example_input, graph, functional)
+            order = probe(model, sites, example_input, graph, functional)
         except Exception as exc:
-            _clear_shapes(all_sites)
+            clear_shapes(all_sites)
             order = []
             notes.append(
                 f"probe forward at input size {input_size} failed: {first_line(exc)}; "
@@ -354,8 +319,13 @@ def discover(
             )
         if graph is None and order and not any(s.is_stem for s in sites):
             order[0].is_stem = True  # the first conv to run reads the (possibly transformed) input
-    else:
+    elif not lazy:
         notes.append("no input size known (pass input_size=...): shapes and MACs unknown")
+    if graph is None and example_input is None:
+        notes.append(
+            "parameter reads outside the convs' forwards were not checked (fx tracing failed "
+            "and no probe ran): pass input_size=... or example_input=..."
+        )
     if graph is None and not any(s.is_stem for s in sites) and sites:
         sites[0].is_stem = True
         notes.append(f"stem assumed to be the first registered conv, {sites[0].name!r}")

@@ -39,6 +39,8 @@ def _matches(site: ConvSite, patterns: tuple[str, ...]) -> str | None:
 
 
 def _type_reason(module: nn.Module) -> str | None:
+    if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
+        return "lazy conv not initialised; run one forward first"
     if isinstance(module, DynamicConvNd):
         return "already dynamic"
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
@@ -48,7 +50,9 @@ def _type_reason(module: nn.Module) -> str | None:
     name = type(module).__name__
     if not isinstance(module, nn.modules.conv._ConvNd):
         return f"{name} is not an nn.ConvNd; no exact converter registered"
-    base = next(c for c in type(module).__mro__ if c in (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    base = next((c for c in type(module).__mro__ if c in (nn.Conv1d, nn.Conv2d, nn.Conv3d)), None)
+    if base is None:
+        return f"{name} is a custom nn.modules.conv._ConvNd; no exact converter registered"
     for method in ("forward", "_conv_forward"):
         if getattr(type(module), method) is not getattr(base, method):
             return f"{name} overrides {method}(); no exact converter registered"
@@ -65,13 +69,50 @@ def _shared_params(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
     return owners
 
 
+def _plain_references(model: nn.Module) -> dict[int, str]:
+    """id(module) → where a module attribute holds it outside the module tree.
+
+    A conv kept in a plain list or dict (``self.convs = [self.a, self.b]``) is still called
+    through that container after a swap, which only rewrites the registered slots.
+    """
+    found: dict[int, str] = {}
+    for name, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if attr in ("_modules", "_parameters", "_buffers"):
+                continue
+            items = value.values() if isinstance(value, dict) else value
+            if isinstance(value, nn.Module):
+                items = (value,)
+            elif not isinstance(value, (list, tuple, set, frozenset, dict)):
+                continue
+            for item in items:
+                if isinstance(item, nn.Module):
+                    found.setdefault(id(item), f"{name}.{attr}" if name else attr)
+    return found
+
+
+def _hook_reason(module: nn.Module) -> str | None:
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    if any(getattr(module, h, None) for h in hooks):
+        return "has hooks (e.g. weight_norm) that a swap would drop"
+    for attr in ("forward", "_conv_forward"):
+        if attr in vars(module):
+            return f"its {attr}() was replaced on the instance; a swap would drop it"
+    for attr in ("weight", "bias"):
+        param = module._parameters.get(attr)
+        if param is not None and (param._backward_hooks or param._post_accumulate_grad_hooks):
+            return f"its {attr} has a gradient hook that a swap would drop"
+    return None
+
+
 def _structural_reason(
-    site: ConvSite, owners: dict[int, list[tuple[str, nn.Module]]]
+    site: ConvSite,
+    owners: dict[int, list[tuple[str, nn.Module]]],
+    references: dict[int, str],
 ) -> str | None:
     module = site.module
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, nn.parameter.UninitializedParameter):
-        return "lazy conv not initialised; run one forward first"
+    if id(module) in references:
+        return f"also held in {references[id(module)]!r}, which a swap would not update"
     for attr in ("weight", "bias"):
         param = module._parameters.get(attr)
         if param is None:
@@ -81,9 +122,9 @@ def _structural_reason(
             return f"shares its {attr} with {others[0]!r}"
     if site.param_use:
         return site.param_use
-    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    if any(getattr(module, h, None) for h in hooks):
-        return "has hooks (e.g. weight_norm) that a swap would drop"
+    reason = _hook_reason(module)
+    if reason:
+        return reason
     if module._parameters.keys() - {"weight", "bias"}:
         return "has extra parameters; only plain convs are converted"
     return None
@@ -111,13 +152,17 @@ def _filter_reason(site: ConvSite, config: ConvertConfig) -> str | None:
 
 def decide(model: nn.Module, sites: list[ConvSite], config: ConvertConfig) -> list[Decision]:
     owners = _shared_params(model)
+    references = _plain_references(model)
     decisions = []
     for site in sites:
         if site.kind == "functional":
             decisions.append(Decision(site, None, "functional conv: no module to swap"))
             continue
-        reason = _type_reason(site.module)
-        reason = reason or _structural_reason(site, owners) or _filter_reason(site, config)
+        reason = (
+            _type_reason(site.module)
+            or _structural_reason(site, owners, references)
+            or _filter_reason(site, config)
+        )
         converter = converter_for(site.module) if reason is None else None
         decisions.append(Decision(site, converter, reason))
     return decisions
