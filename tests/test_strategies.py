@@ -217,3 +217,32 @@ def test_autocast_forward_and_backward(n):
         assert xg.grad.dtype == layer.weight.grad.dtype == torch.float32
         assert rel_err(xg.grad, x64.grad) <= 3e-2, name
         assert rel_err(layer.weight.grad, ref_layer.weight.grad) <= 3e-2, name
+
+
+@pytest.mark.parametrize(("n", "case"), GRID)
+@pytest.mark.parametrize("name", [s for s in STRATEGIES if s != "dense"] + ["auto"])
+def test_empty_batch_gives_the_convs_empty_output(n, case, name):
+    layer = make_layer(n, case, name)
+    conv = type(layer).conv_type(**case)
+    x = torch.randn(0, case["in_channels"], *(SPATIAL[n],) * n, requires_grad=True)
+    out = layer(x)
+    assert out.shape == conv(x).shape
+    out.sum().backward()  # a zero-size batch still trains (an uneven last shard)
+    assert x.grad.shape == x.shape
+    with torch.no_grad():
+        assert layer.eval()(x).shape == conv(x).shape
+
+
+def test_input_keyword_as_in_nn_conv():
+    layer = make_layer(2, CASES[0], "auto")
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(layer(input=x), layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("dtype", "value"), [(torch.float16, 1e-8), (torch.float16, 1e6),
+                                              (torch.float32, 1e-46)])  # fmt: skip
+def test_temperature_that_rounds_to_zero_or_inf_is_refused(dtype, value):
+    layer = make_layer(2, CASES[0], "auto", dtype=dtype)
+    with pytest.raises(ValueError, match="pick a value that dtype can hold"):
+        layer.set_temperature(value)
+    assert layer.temperature == 1.0

@@ -59,6 +59,12 @@ class KernelAttention(nn.Module):
         value = float(value)
         if not value > 0 or value != value or value == float("inf"):
             raise ValueError(f"temperature: must be a finite number > 0, got {value!r}")
+        stored = torch.tensor(value, dtype=self.temperature.dtype)
+        if not (stored > 0 and torch.isfinite(stored)):
+            raise ValueError(
+                f"temperature: {value!r} is {stored.item()} in {self.temperature.dtype}; "
+                "pick a value that dtype can hold"
+            )
         self.temperature.fill_(value)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

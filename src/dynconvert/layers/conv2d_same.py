@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dynamic_conv import DynamicConv2d, _check_k, output_memory_format
-from .strategies import run_strategy
+from .dynamic_conv import DynamicConv2d, _check_k
 
 
 def same_pad_amount(size: int, kernel: int, stride: int, dilation: int) -> int:
@@ -96,18 +95,12 @@ class DynamicConv2dSame(DynamicConv2d):
             **factory,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        unbatched = self._check_input(x)
-        if unbatched:
-            x = x.unsqueeze(0)
-        attn = self.attention(x)
+    def pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's dynamic 'same' padding, computed from this input's size."""
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         pad_h = same_pad_amount(x.shape[-2], kh, sh, dh)
         pad_w = same_pad_amount(x.shape[-1], kw, sw, dw)
-        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-        layout = output_memory_format(x)  # of the padded input, as for timm's Conv2dSame
-        out = run_strategy(self, x, attn).contiguous(memory_format=layout)
-        return out.squeeze(0) if unbatched else out
+        return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", padding='tf_same'"

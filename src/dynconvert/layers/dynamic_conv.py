@@ -58,6 +58,8 @@ def zero_sum_kernels(
     """
     if not noise >= 0:
         raise ValueError(f"noise: must be >= 0, got {noise!r}")
+    if weight.is_meta:  # a model built on the meta device to load weights into later
+        return weight.detach().unsqueeze(0).expand(k, *weight.shape).clone()
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
     base = weight.detach().to("cpu", work)
     std = base.std().item() if base.numel() > 1 else 0.0
@@ -321,16 +323,31 @@ class DynamicConvNd(nn.Module):
             )
         return unbatched
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        unbatched = self._check_input(x)
-        if unbatched:
-            x = x.unsqueeze(0)
-        attn = self.attention(x)
+    def pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input the conv itself sees (non-zero padding modes pad explicitly)."""
         if self._resolved.pad is not None:
             x = F.pad(x, self._resolved.pad, mode=self._resolved.pad_mode)
-        layout = output_memory_format(x)  # of the padded input, as for nn.Conv2d's own pad
-        out = run_strategy(self, x, attn).contiguous(memory_format=layout)
+        return x
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        unbatched = self._check_input(input)
+        x = input.unsqueeze(0) if unbatched else input
+        if x.shape[0] == 0:
+            out = self._empty_output(self.pad_input(x))
+        else:
+            attn = self.attention(x)
+            x = self.pad_input(x)
+            layout = output_memory_format(x)  # of the padded input, as for nn.Conv2d's own pad
+            out = run_strategy(self, x, attn).contiguous(memory_format=layout)
         return out.squeeze(0) if unbatched else out
+
+    def _empty_output(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of 0 has no attention to mix by: the conv's empty output, kept in the graph."""
+        bias = None if self.bias is None else self.bias[0]
+        out = self.conv_fn(
+            x, self.weight[0], bias, self.stride, self.conv_padding, self.dilation, self.groups
+        )
+        return out.contiguous(memory_format=output_memory_format(x))
 
     def extra_repr(self) -> str:
         s = (
