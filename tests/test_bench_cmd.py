@@ -22,7 +22,7 @@ from dynconvert.layers import DynamicConv2d, DynamicConv2dSame, autotune
 def test_bench_tiny_timm_model_writes_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(autotune, "_enabled", False)  # the cost model: no timing of layers
     out = tmp_path / "bench.json"
-    args = ["bench", "test_resnet", "-b", "2", "--input-size", "3", "32", "32", "--rounds", "1"]
+    args = ["bench", "test_resnet", "-b", "2", "--input-size", "3,32,32", "--rounds", "1"]
     assert main([*args, "--no-memory", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["batch"] == 2 and result["input"] == [3, 32, 32]

@@ -230,6 +230,15 @@ def test_malicious_pickle_refused(tmp_path, capsys):
     assert not marker.exists() and not (tmp_path / "out.pt").exists()
 
 
+@pytest.mark.parametrize("content", [[1, 2], torch.zeros(3)], ids=["list", "tensor"])
+def test_checkpoint_that_is_not_a_state_dict_is_one_line(tmp_path, capsys, content):
+    path = tmp_path / "w.pth"
+    torch.save(content, path)
+    code, _, err = run(capsys, TIMM_NAME, "--checkpoint", path, "--dry-run")
+    assert code == 1
+    assert_one_line_error(err, f"checkpoint {path} could not be read", "weights-only torch file")
+
+
 def test_output_folder_missing_or_unwritable(tmp_path, capsys):
     regular = tmp_path / "file"
     regular.write_text("x")

@@ -150,7 +150,7 @@ def test_bench_with_model_measures_peak_memory_in_fresh_processes(custom, tmp_pa
     path, _ = custom
     report = tmp_path / "b.json"
     code, _, err = run(capsys, "bench", path, "--model", ARCH, "-b", "2", "--input-size",
-                       "3", "16", "16", "--rounds", "1", "--json", report)  # fmt: skip
+                       "3,16,16", "--rounds", "1", "--json", report)  # fmt: skip
     assert code == 0, err
     result = json.loads(report.read_text())
     assert result["input"] == [3, 16, 16] and set(result["train_ms"]) == {"static", "dynamic"}
@@ -343,3 +343,74 @@ def test_refused_flags_are_named_as_typed(timm_file, tmp_path, capsys, flags, na
     assert code == 2
     assert_one_line_error(err, named, "already converted")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["inspect", "{file}", "--json", "{file}"],
+        ["export", "{file}", "--format", "torchscript", "--out", "{file}"],
+        ["{file}", "--out", "{file}"],
+        ["{file}", "--out", "{other}", "--json", "{file}"],
+        ["{other}", "--checkpoint", "{file}", "--out", "{file}"],
+        ["bench", "{file}", "--json", "{file}"],
+    ],
+    ids=["inspect-json", "export-out", "convert-out", "convert-json", "checkpoint", "bench"],
+)
+def test_an_output_that_is_an_input_file_is_refused(timm_file, tmp_path, capsys, args):
+    file = tmp_path / "m.pt"
+    file.write_bytes(timm_file.read_bytes())
+    values = {"file": str(file), "other": str(tmp_path / "n.pt")}
+    if args[0] == "{other}":
+        values["other"] = TIMM_NAME
+    code, _, err = run(capsys, *(a.format(**values) for a in args))
+    assert code == 2
+    assert_one_line_error(err, f"cannot write {file}: it is the input file")
+    assert file.read_bytes() == timm_file.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_finetune_outputs_that_are_inputs_are_refused(custom, tmp_path, capsys):
+    file, _ = custom
+    model = tmp_path / "m.pt"
+    model.write_bytes(file.read_bytes())
+    data = tmp_path / "data"  # never read: the outputs are checked first
+    for flags in (["--out", model], ["--out", tmp_path / "o.pt", "--checkpoint", model]):
+        code, _, err = run(capsys, "finetune", model, "--model", ARCH, "--data", data, *flags)
+        assert code == 2
+        assert_one_line_error(err, f"cannot write {model}: it is the input file")
+    assert model.read_bytes() == file.read_bytes()
+
+
+def test_bench_of_a_saved_file_refuses_k(timm_file, capsys):
+    code, _, err = run(capsys, "bench", timm_file, "--k", "2")
+    assert code == 2
+    assert_one_line_error(err, "saved dynconvert model with its own K; --k applies to timm")
+
+
+@pytest.mark.parametrize(("typed", "meant"), [("inspct", "inspect"), ("Export", "export")])
+def test_a_mistyped_command_is_named_not_converted(capsys, typed, meant):
+    code, _, err = run(capsys, typed, "resnet18", "--out", "x.pt")
+    assert code == 2
+    assert_one_line_error(err, f"unknown command {typed!r}; did you mean {meant!r}?")
+
+
+def test_convert_builds_your_own_model_from_package_module_function(custom, tmp_path, capsys):
+    _, net = custom
+    weights = tmp_path / "w.pth"
+    torch.save(net().state_dict(), weights)
+    out = tmp_path / "own.pt"
+    code, stdout, err = run(capsys, ARCH, "--checkpoint", weights, "--input-size", "3,16,16",
+                            "--k", "3", "--out", out)  # fmt: skip
+    assert code == 0, err
+    assert "model=<your architecture>" in stdout
+    model = dynconvert.load(out, model=net())
+    reference = net()
+    reference.load_state_dict(torch.load(weights, weights_only=True))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference.eval()(x), rtol=1e-5, atol=1e-5)
+    assert model[2].k == 3
+    code, _, err = run(capsys, ARCH, "--pretrained", "--out", tmp_path / "p.pt")
+    assert code == 2
+    assert_one_line_error(err, "--pretrained applies to timm model names")

@@ -392,3 +392,21 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, timm_saved, monkeypa
         dynconvert.save(timm_saved[0], tmp_path / "m.pt", report=timm_saved[1])
     assert "MiB left" in _one_line(exc)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_inside_torchs_zip_writer_is_an_interrupt_not_a_full_disk(
+    tmp_path, timm_saved, monkeypatch
+):
+    """Ctrl-C mid-save makes torch's writer fail in its clean-up with the full-disk error."""
+
+    def interrupted(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 part")
+        try:
+            raise KeyboardInterrupt
+        finally:  # what the zip writer's __exit__ does
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dynconvert.save(timm_saved[0], tmp_path / "m.pt", report=timm_saved[1])
+    assert list(tmp_path.iterdir()) == []

@@ -127,6 +127,9 @@ def build_timm_model(
             raise _checkpoint_error(checkpoint, name, exc) from exc
         raise
     except Exception as exc:
+        if checkpoint is not None and not _is_download_failure(exc):
+            # timm's loader expects a dict of tensors: a list, a tensor or text fails inside
+            raise _checkpoint_error(checkpoint, name, exc) from exc
         hub = name.startswith("hf-hub:") and _is_download_failure(exc)
         if hub and not (pretrained and checkpoint is None and _hub_config_cached(name)):
             raise _hub_needed_error(name) from exc

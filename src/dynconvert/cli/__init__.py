@@ -51,8 +51,23 @@ class _Group(click.Group):
 
     def resolve_command(self, ctx: click.Context, args: list[str]):
         if args and args[0] not in _COMMANDS and not args[0].startswith("-"):
+            _refuse_mistyped_command(ctx, args[0])
             args = [DEFAULT_COMMAND, *args]
         return super().resolve_command(ctx, args)
+
+
+def _refuse_mistyped_command(ctx: click.Context, word: str) -> None:
+    """``inspct`` is a typo of ``inspect``, not a MODEL to convert (unless it is one)."""
+    import difflib
+    from pathlib import Path
+
+    close = difflib.get_close_matches(word.lower(), list(_COMMANDS), n=1, cutoff=0.75)
+    if not close or Path(word).exists():
+        return
+    import timm
+
+    if not timm.is_model(word):
+        ctx.fail(f"unknown command {word!r}; did you mean {close[0]!r}?")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -19,7 +19,7 @@ import click
 
 from ..errors import DynconvertError
 from ..layers import STRATEGIES
-from .params import architecture_option
+from .params import architecture_option, sample_shape
 
 
 def _mib(n: int) -> str:
@@ -112,10 +112,10 @@ def _table(result: dict):
 @click.command("bench")
 @click.argument("model")
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--input-size", nargs=3, type=click.IntRange(min=1), default=None,
-              metavar="C H W", help="Per-sample input shape [default: the model's].")  # fmt: skip
+@click.option("--input-size", type=sample_shape(), default=None, metavar="C,H,W",
+              help="Per-sample input shape [default: the model's].")  # fmt: skip
 @click.option("--k", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Kernels per layer (timm names only).")  # fmt: skip
+              help="Kernels per layer (timm names only; a saved file has its own).")  # fmt: skip
 @click.option("--strategy", type=click.Choice(["auto", *STRATEGIES]), default="auto",
               show_default=True, help="Force one strategy in every dynamic layer.")  # fmt: skip
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
@@ -124,7 +124,9 @@ def _table(result: dict):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the figures as JSON.")  # fmt: skip
 @architecture_option
+@click.pass_context
 def bench_command(
+    ctx: click.Context,
     model: str,
     batch_size: int,
     input_size: tuple[int, int, int] | None,
@@ -140,9 +142,17 @@ def bench_command(
     from rich.console import Console
 
     from ..io import atomic_write_text, check_output_path
+    from .convert_cmd import explicit_options, is_saved_file
 
+    if is_saved_file(model) and explicit_options(ctx, ["k"]):
+        raise DynconvertError(
+            f"{model} is a saved dynconvert model with its own K; --k applies to timm model "
+            "names only",
+            usage=True,
+        )
     if json_path is not None:
-        check_output_path(json_path)  # before the measurement, which takes minutes
+        # before the measurement, which takes minutes
+        check_output_path(json_path, (Path(model) if Path(model).exists() else None,))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     pair = _load_pair(model, architecture, k, strategy)
     console = Console()

@@ -107,6 +107,20 @@ def is_saved_file(model: str) -> bool:
     return "/" in model or "\\" in model or path.suffix.lower() in _FILE_SUFFIXES
 
 
+_TIMM_SOURCES = ("hf-hub", "hf_hub", "local-dir")
+
+
+def is_user_function(model: str) -> bool:
+    """MODEL is ``package.module:function`` (your own model), not a timm ``source:name``."""
+    module, sep, function = model.partition(":")
+    return (
+        bool(sep)
+        and module not in _TIMM_SOURCES
+        and all(part.isidentifier() for part in module.split("."))
+        and function.isidentifier()
+    )
+
+
 def explicit_options(ctx: click.Context, names: tuple[str, ...] | list[str]) -> set[str]:
     """Which of ``names`` were given on the command line (not defaults)."""
     return {name for name in names if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
@@ -197,17 +211,33 @@ def prepare_model(request: ModelRequest) -> Prepared:
             usage=True,
         )
 
-    from dynconvert.models import build_timm_model
+    if is_user_function(request.model):
+        model = _build_user_model(request)
+    else:
+        from dynconvert.models import build_timm_model
 
-    model = build_timm_model(
-        request.model, pretrained=request.pretrained, checkpoint=request.checkpoint
-    )
+        model = build_timm_model(
+            request.model, pretrained=request.pretrained, checkpoint=request.checkpoint
+        )
     kwargs = convert_kwargs(request)
     kwargs["input_size"] = _resolve_input_size(kwargs.get("input_size"), model)
     if kwargs["input_size"] is not None:
         probe_input_size(model, kwargs["input_size"], request.model)
     model, report = convert_strictly(model, kwargs)
     return Prepared(model, report, from_file=False)
+
+
+def _build_user_model(request: ModelRequest) -> nn.Module:
+    """``package.module:function`` built, with ``--checkpoint`` as its state dict."""
+    from ..finetune import load_user_model
+
+    if request.pretrained and "pretrained" in request.explicit:
+        raise DynconvertError(
+            f"--pretrained applies to timm model names; {request.model} is your own model: "
+            "pass its weights with --checkpoint FILE (a state dict)",
+            usage=True,
+        )
+    return load_user_model(request.model, request.checkpoint)
 
 
 def probe_input_size(model: nn.Module, size: tuple[int, ...], name: str) -> None:
@@ -277,7 +307,9 @@ def write_outputs(prepared: Prepared, out: Path | None, json_path: Path | None) 
         return
     dynconvert.save(prepared.model, out, report=prepared.report)
     size_mb = out.stat().st_size / 2**20
-    click.echo(f"saved {out} ({size_mb:.1f} MiB); load it with dynconvert.load({str(out)!r})")
+    custom = dynconvert.io.read(out, map_location="meta")["source"].get("kind") != "timm"
+    how = f"dynconvert.load({str(out)!r}{', model=<your architecture>' if custom else ''})"
+    click.echo(f"saved {out} ({size_mb:.1f} MiB); load it with {how}")
 
 
 def run_convert(
@@ -290,9 +322,10 @@ def run_convert(
     """The command without click: check outputs, prepare, optional extra step, write."""
     from dynconvert.io import check_output_path
 
+    inputs = (Path(request.model) if is_saved_file(request.model) else None, request.checkpoint)
     for path in (out, json_path):
         if path is not None:
-            check_output_path(path)  # fail before the (slow) conversion
+            check_output_path(path, inputs)  # fail before the (slow) conversion
     prepared = prepare_model(request)
     if after_convert is not None:
         prepared.model = after_convert(prepared.model, prepared.report)
@@ -329,7 +362,8 @@ def run_convert(
     "--checkpoint",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Start from the weights in this local timm/torch checkpoint instead.",
+    help="Start from the weights in this local timm/torch checkpoint instead (for "
+    "package.module:function, its state dict).",
 )
 @architecture_option
 @conversion_options
@@ -346,10 +380,12 @@ def convert_command(
     architecture: str | None,
     **options: Any,
 ) -> None:
-    """Convert the convs of MODEL (a timm name or a saved file) to dynamic convs.
+    """Convert the convs of MODEL (a timm name, a saved file, or package.module:function
+    building your own model, with --checkpoint as its state dict) to dynamic convs.
 
     \b
     dynconvert resnet50 --k 4 --out model.pt
+    dynconvert mypackage.nets:build --checkpoint w.pth --input-size 3,32,32 --out model.pt
     dynconvert resnet50 --no-pretrained --exclude 'layer4.*' --dry-run
     dynconvert resnet50 --recipe R.yaml --data DIR --epochs 5 --out model.pt
 

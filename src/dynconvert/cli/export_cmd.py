@@ -110,7 +110,7 @@ def export_command(
     from dynconvert.io import check_output_path
 
     name = _format_name(format_name, out)
-    check_output_path(out)
+    check_output_path(out, (model_file,))
     check_available(name, verify)  # before the model is built: a missing package is one line
     _check_opset(name, opset)
     check_model_path(model_file, "a dynconvert file")

@@ -161,16 +161,23 @@ class RunPlan:
     has_val: bool
 
 
-def check_run(flags: dict[str, Any], out: Path) -> RunPlan:
-    """Every check that needs no model: options, output paths, plot format, data layout."""
+def check_run(flags: dict[str, Any], out: Path, inputs: tuple[Path | None, ...] = ()) -> RunPlan:
+    """Every check that needs no model: options, output paths, plot format, data layout.
+
+    ``inputs``: files the run reads (model, weights), which no output may replace.
+    """
     from .. import io
     from ..finetune.data import scan_image_folder, split_folders
     from ..finetune.plot import check_plot_path
 
     options, recipe, data = collect_options(flags)
-    io.check_output_path(out)
+    read = (*inputs, flags.get("recipe"))
+    io.check_output_path(out, (*read, options.get("resume")))
     options.setdefault("checkpoint", str(out.with_suffix(".ckpt")))
     _check_distinct(out, options, explicit_checkpoint=flags.get("checkpoint") is not None)
+    for written in (options["checkpoint"], options.get("plot")):  # may be the resumed file
+        if written is not None:
+            io.check_output_path(Path(written), read)
     if options.get("plot") is not None:
         check_plot_path(options["plot"])
     train_root, val_root = split_folders(data)
@@ -299,7 +306,7 @@ def finetune_command(model_file, spec, weights, out, **flags) -> None:
     dynconvert finetune --model pkg.mod:net --weights w.pth --data DIR --out ft.pt
     torchrun --nproc_per_node 4 -m dynconvert finetune model.pt --data DIR --out ft.pt
     """
-    plan = check_run(flags, out)  # recipe, flags, outputs and data before loading
+    plan = check_run(flags, out, (model_file, weights))  # before anything is loaded
     recipe = plan.recipe
     if model_file is None and spec is None and recipe.model.get("name"):
         name = recipe.model["name"]  # a dynconvert file, or package.module:function

@@ -88,7 +88,7 @@ def inspect_command(
     from dynconvert.io import check_output_path
 
     if json_path is not None:
-        check_output_path(json_path)
+        check_output_path(json_path, (Path(model) if is_saved_file(model) else None,))
     explicit = explicit_options(ctx, CONVERSION_OPTIONS)
     if is_saved_file(model) and not explicit:
         path = Path(model)

@@ -23,8 +23,16 @@ import torch
 from ..errors import DynconvertError
 
 
-def check_output_path(path: Path) -> None:
-    """Fail before any work when ``path`` cannot be written: missing, unwritable or a folder."""
+def check_output_path(path: Path, inputs: tuple[Path | None, ...] = ()) -> None:
+    """Fail before any work when ``path`` cannot be written: missing, unwritable or a folder,
+    or one of the command's ``inputs`` (the write would destroy what the command reads)."""
+    for source in inputs:
+        if source is not None and _same_file(path, Path(source)):
+            raise DynconvertError(
+                f"cannot write {path}: it is the input file {source}, which the write would "
+                "replace; give another output path",
+                usage=True,
+            )
     folder = path.parent
     if path.is_dir():
         raise DynconvertError(f"cannot write {path}: it is a folder; give a file name")
@@ -34,6 +42,12 @@ def check_output_path(path: Path) -> None:
         raise DynconvertError(f"cannot write {path}: {folder} is not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise DynconvertError(f"cannot write {path}: folder {folder} is not writable")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)  # also through links and different spellings
+    return a.resolve() == b.resolve()
 
 
 def check_free_space(path: Path, needed_bytes: int, what: str) -> None:
@@ -85,11 +99,27 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
         except OSError as exc:
             raise DynconvertError(f"cannot write {path}: {exc.strerror or exc}") from exc
         except RuntimeError as exc:  # torch's zip writer reports a full disk this way
+            interrupt = _interrupt_behind(exc)  # ... and a Ctrl-C mid-write, too
+            if interrupt is not None:
+                raise interrupt from None
             free = shutil.disk_usage(tmp.parent).free
             raise DynconvertError(
                 f"cannot write {path}: the write failed with {free / 2**20:.1f} MiB left on its "
                 "disk; free some space and run again"
             ) from exc
+
+
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C during whose handling ``exc`` was raised, if any (torch's zip writer fails
+    in its clean-up when interrupted)."""
+    seen: set[int] = set()
+    link = exc.__context__
+    while link is not None and id(link) not in seen:
+        if isinstance(link, KeyboardInterrupt):
+            return link
+        seen.add(id(link))
+        link = link.__context__
+    return None
 
 
 def atomic_write_text(text: str, path: str | os.PathLike[str]) -> None:
