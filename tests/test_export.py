@@ -7,6 +7,7 @@ the other tests reuse those files.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -319,3 +320,38 @@ def test_input_size_defaults_to_timm_data_config():
     assert resolve_input_size(create_model("test_resnet"), None, None) == (3, 160, 160)
     with pytest.raises(DynconvertError, match="input_size="):
         resolve_input_size(Mixed(), None, None)
+
+
+def test_a_model_forced_to_batch_1_dense_exports_and_keeps_its_strategy(tmp_path):
+    model = Mixed()
+    dynconvert.convert(model, strategy="dense", input_size=Mixed.input_size)
+    layers = [m for m in model.modules() if isinstance(m, dynconvert.DynamicConvNd)]
+    result = dynconvert.export(model, tmp_path / "m.pt2", input_size=Mixed.input_size, show=False)
+    assert result.verified and [row["batch"] for row in result.rows] == [1, 3, 8]
+    assert {layer.strategy for layer in layers} == {"dense"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_model_is_checked_against_its_float32_self(tmp_path, dtype):
+    from timm import create_model
+
+    from dynconvert.export.verify import verify
+
+    model = create_model("test_resnet", pretrained=False).eval()
+    dynconvert.convert(model, input_size=(3, 32, 32))
+    model = model.to(dtype)
+    result = dynconvert.export(model, tmp_path / "m.pt2", input_size=(3, 32, 32), show=False)
+    assert result.verified
+    assert all(row["relative_error"] > 1e-4 for row in result.rows)  # past float32's bound
+    like = next(model.parameters())
+    exact = copy.deepcopy(model).float()
+
+    def off_by_a_tenth(x):  # a wrong file: 10% from the model
+        with torch.no_grad():
+            return [exact(x.float()) * 1.1]
+
+    rows = verify("pt2", off_by_a_tenth, model, (3, 32, 32), (1, 3), like)
+    assert not any(row["ok"] for row in rows)
+    with pytest.raises(DynconvertError, match="onnxruntime has no bfloat16 Conv"):
+        dynconvert.export(model.bfloat16(), tmp_path / "m.onnx", "onnx", input_size=(3, 32, 32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2"]

@@ -39,7 +39,8 @@ class ExportResult:
     """What :func:`export` wrote and how it checked it.
 
     ``rows``: one dict per verified batch size (``format``, ``batch``, ``max_abs_error``,
-    ``max_abs_output``, ``relative_error``, ``ok``, ``error``); empty with ``verify=False``.
+    ``max_abs_output``, ``relative_error``, ``ok``, ``error``, ``allowed_error``); empty with
+    ``verify=False``.
     """
 
     path: Path
@@ -136,7 +137,12 @@ def _check_arguments(
 def _probe(model: nn.Module, example: torch.Tensor, input_size: tuple[int, ...]) -> None:
     """One eval-mode forward, so that a wrong input size is one clear error, before any export."""
     try:
-        with modes.eval_mode(model), modes.fixed_strategy_choice(), torch.no_grad():
+        with (
+            modes.eval_mode(model),
+            modes.any_batch_size(model),
+            modes.fixed_strategy_choice(),
+            torch.no_grad(),
+        ):
             model(example)
     except Exception as exc:
         raise DynconvertError(
@@ -198,6 +204,12 @@ def export(
     check_available(name, verify)
 
     like = _reference_tensor(model)
+    if name == "onnx" and verify and like.dtype == torch.bfloat16:
+        raise DynconvertError(
+            "an ONNX file of a bfloat16 model cannot be checked: onnxruntime has no bfloat16 "
+            "Conv; export a float32 copy (model.float()) to ONNX, or this model to pt2",
+            usage=True,
+        )
     size = resolve_input_size(model, input_size, example_input)
     example = _example(size, example_input, like)
     _probe(model, example, size)
@@ -227,8 +239,18 @@ def export(
 
         if verify:
             start = time.perf_counter()
-            runner = fmt.load(tmp, like.device)
-            with modes.eval_mode(model), modes.fixed_strategy_choice():
+            try:
+                runner = fmt.load(tmp, like.device)
+            except Exception as exc:
+                raise DynconvertError(
+                    f"the {name} file of {type(model).__name__} was written but cannot be "
+                    f"loaded back ({first_line(exc)}), so {path} was not written"
+                ) from exc
+            with (
+                modes.eval_mode(model),
+                modes.any_batch_size(model),
+                modes.fixed_strategy_choice(),
+            ):
                 result.rows = verify_file(name, runner, model, size, sizes, like)
             result.verify_seconds = time.perf_counter() - start
             if show:

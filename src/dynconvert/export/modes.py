@@ -41,6 +41,23 @@ def static_strategy(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
+def any_batch_size(model: nn.Module) -> Iterator[nn.Module]:
+    """Layers forced to ``'dense'`` (batch 1 only) choose their strategy for the block.
+
+    The probe and the verification run the model at several batch sizes; the export itself
+    is on the static path anyway.
+    """
+    layers = [m for m in model.modules() if isinstance(m, DynamicConvNd) and m.strategy == "dense"]
+    for layer in layers:
+        layer.strategy = "auto"
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.strategy = "dense"
+
+
+@contextmanager
 def fixed_strategy_choice() -> Iterator[None]:
     """``'auto'`` layers use the cost model instead of timing strategies, for the block.
 
