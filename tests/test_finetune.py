@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -628,6 +629,24 @@ def test_bad_options_are_named(options, message):
 def test_unknown_option_is_named():
     with pytest.raises(TypeError, match="'epoch'"):
         dynconvert.finetune(tiny_model(), tensor_data(), epoch=3)
+
+
+def test_a_step_the_fp16_scaler_skips_does_not_warn_about_the_schedule(monkeypatch):
+    class SkipsFirstStep(torch.amp.GradScaler):  # as after an overflow at the start scale
+        calls = 0
+
+        def step(self, optimizer, *args, **kwargs):
+            SkipsFirstStep.calls += 1
+            if SkipsFirstStep.calls > 1:
+                return super().step(optimizer, *args, **kwargs)
+            return None
+
+    monkeypatch.setattr(torch.amp, "GradScaler", SkipsFirstStep)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dynconvert.finetune(tiny_model(), tensor_data(), epochs=1, batch_size=8, **QUIET)
+    assert SkipsFirstStep.calls == 3
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

@@ -223,7 +223,11 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), opts.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # fp16's scaler skips the steps whose gradients overflow (the first ones, while it
+            # finds its scale); the schedule still follows the iteration count.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step")
+            self.scheduler.step()
         self.iteration += 1
         self.batch += 1
         self._stop_requested = self._stop_requested or stop > 0
