@@ -414,3 +414,19 @@ def test_convert_builds_your_own_model_from_package_module_function(custom, tmp_
     code, _, err = run(capsys, ARCH, "--pretrained", "--out", tmp_path / "p.pt")
     assert code == 2
     assert_one_line_error(err, "--pretrained applies to timm model names")
+
+
+def test_a_saved_model_given_as_checkpoint_is_named(timm_file, capsys):
+    code, _, err = run(capsys, TIMM_NAME, "--checkpoint", timm_file, "--dry-run")
+    assert code == 2
+    assert_one_line_error(err, "is a saved dynconvert model, already converted; give it as MODEL")
+
+
+@pytest.mark.parametrize("command", ["inspect", "export"])
+def test_an_exported_file_given_as_model_is_named(timm_file, tmp_path, capsys, command):
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"not read")
+    args = [command, onnx_file] + (["--out", tmp_path / "x.pt2"] if command == "export" else [])
+    code, _, err = run(capsys, *args)
+    assert code != 0
+    assert_one_line_error(err, "looks like an exported onnx file", "give the .pt file")

@@ -30,7 +30,7 @@ def _load_pair(model_spec: str, architecture: str | None, k: int, strategy: str)
     """(static, dynamic, conversion seconds or None), as ``benchmark.load_pair``, with the
     CLI's checks and errors for a file (missing, a folder, a custom model)."""
     from ..benchmark import load_pair, saved_pair
-    from .convert_cmd import is_saved_file
+    from .model_request import is_saved_file
     from .params import build_architecture, check_model_path, load_saved
 
     if not is_saved_file(model_spec):
@@ -142,7 +142,8 @@ def bench_command(
     from rich.console import Console
 
     from ..io import atomic_write_text, check_output_path
-    from .convert_cmd import explicit_options, is_saved_file
+    from .convert_cmd import explicit_options
+    from .model_request import is_saved_file
 
     if is_saved_file(model) and explicit_options(ctx, ["k"]):
         raise DynconvertError(

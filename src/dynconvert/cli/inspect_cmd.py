@@ -14,15 +14,8 @@ from typing import Any
 import click
 
 from ..errors import DynconvertError
-from .convert_cmd import (
-    CONVERSION_OPTIONS,
-    ModelRequest,
-    conversion_options,
-    explicit_options,
-    is_saved_file,
-    prepare_model,
-    show_report,
-)
+from .convert_cmd import conversion_options, explicit_options, show_report
+from .model_request import CONVERSION_OPTIONS, ModelRequest, is_saved_file, prepare_model
 from .params import architecture_option, build_architecture, check_model_path
 
 

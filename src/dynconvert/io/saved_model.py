@@ -127,6 +127,14 @@ def read(path: str | os.PathLike[str], *, map_location: Any = "cpu") -> dict[str
         raise DynconvertError(f"{path} does not exist")
     if path.is_dir():
         raise DynconvertError(f"{path} is a folder, not a dynconvert file")
+    from ..export.formats import format_for_suffix  # (export imports io)
+
+    exported = format_for_suffix(path)
+    if exported:
+        raise DynconvertError(
+            f"{path} looks like an exported {exported} file, which runs without dynconvert but "
+            "cannot be read back into it; give the .pt file that dynconvert saved"
+        )
     data = safe_torch_load(path, map_location)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise DynconvertError(f"{path} is not a dynconvert file: {_describe(data)}")
