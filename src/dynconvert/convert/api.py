@@ -32,7 +32,7 @@ class _Default:
 
 
 #: The keyword defaults of :func:`convert`, one per :class:`ConvertConfig` field.
-_D: dict[str, Any] = {f.name: _Default(f.name) for f in dataclasses.fields(ConvertConfig)}
+_DEFAULT: dict[str, Any] = {f.name: _Default(f.name) for f in dataclasses.fields(ConvertConfig)}
 
 
 def _count(params) -> int:
@@ -122,20 +122,20 @@ def _config_from(options: dict[str, Any], config: ConvertConfig | None) -> Conve
 
 def convert(
     model: nn.Module,
-    k: int = _D["k"],
+    k: int = _DEFAULT["k"],
     *,
-    include: str | list[str] | None = _D["include"],
-    exclude: str | list[str] | None = _D["exclude"],
-    skip_stem: bool = _D["skip_stem"],
-    min_channels: int = _D["min_channels"],
-    depthwise: str = _D["depthwise"],
-    ratio: float = _D["ratio"],
-    temperature: float = _D["temperature"],
-    dims: tuple[int, ...] = _D["dims"],
-    noise: float = _D["noise"],
-    strategy: str = _D["strategy"],
-    seed: int = _D["seed"],
-    input_size: tuple[int, ...] | None = _D["input_size"],
+    include: str | list[str] | None = _DEFAULT["include"],
+    exclude: str | list[str] | None = _DEFAULT["exclude"],
+    skip_stem: bool = _DEFAULT["skip_stem"],
+    min_channels: int = _DEFAULT["min_channels"],
+    depthwise: str = _DEFAULT["depthwise"],
+    ratio: float = _DEFAULT["ratio"],
+    temperature: float = _DEFAULT["temperature"],
+    dims: tuple[int, ...] = _DEFAULT["dims"],
+    noise: float = _DEFAULT["noise"],
+    strategy: str = _DEFAULT["strategy"],
+    seed: int = _DEFAULT["seed"],
+    input_size: tuple[int, ...] | None = _DEFAULT["input_size"],
     example_input: torch.Tensor | None = None,
     config: ConvertConfig | None = None,
 ) -> tuple[nn.Module, ConversionReport]:

@@ -4,10 +4,12 @@
 * A ``torch.fx`` trace (with timm's not-traceable registries, as timm's own FX feature
   extraction uses them) adds functional ``F.conv*`` calls, which conv reads the model input
   (the stem), how often each module is called, and whether a conv's parameters are read
-  outside its own forward. A model that cannot be traced is still walked; the reason is noted.
-* One forward in eval mode on an example input (batch 1), with hooks, records each call's
-  input/output shapes for the MACs; it also counts calls inside modules that fx treats as
-  leaves. Training flags are restored and nothing is learned (no grad, eval-mode BatchNorm).
+  outside its own forward. The model is traced in both training modes, since a read under
+  ``if self.training:`` appears in one graph only. A model that cannot be traced is still
+  walked; the reason is noted.
+* One forward in eval mode on an example input (batch 1, ``probe.py``) records each call's
+  shapes for the MACs, counts calls inside modules that fx treats as leaves, and watches
+  for parameter reads that really ran. Training flags are restored and nothing is learned.
 """
 
 from __future__ import annotations
