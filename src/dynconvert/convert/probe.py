@@ -11,13 +11,13 @@ can trace and not inside the modules it treats as leaves; the probe sees what re
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 if TYPE_CHECKING:
     from .discover import ConvSite
@@ -69,6 +69,15 @@ def _what(func: Any) -> str:
     return f".{getter}" if getter else f" in {getattr(func, '__name__', func)}()"
 
 
+def _tensor_args(args: tuple, kwargs: dict) -> Iterator[torch.Tensor]:
+    """The tensors among a call's arguments, one level into lists (``torch.cat([...])``)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (item for item in value if isinstance(item, torch.Tensor))
+
+
 class _ParamReadWatcher(TorchFunctionMode):
     """Marks a conv site whose weight or bias goes into a torch call outside its own forward."""
 
@@ -85,8 +94,8 @@ class _ParamReadWatcher(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.owner and _getter(func) not in HARMLESS_PARAM_ATTRS:
-            for value in tree_flatten((args, kwargs))[0]:
-                hit = self.owner.get(id(value)) if isinstance(value, torch.Tensor) else None
+            for value in _tensor_args(args, kwargs):
+                hit = self.owner.get(id(value))
                 if hit is None or id(hit[0]) in self.active or hit[0].param_use:
                     continue
                 site, attr = hit
