@@ -156,3 +156,17 @@ def test_clearing_the_cache_makes_layers_measure_again():
         autotune.set_autotune(False)
         layer(x)  # switched off: the cost model, not the remembered measurement
         assert autotune.stats()["lookups"] == 0
+
+
+def test_timing_in_training_never_runs_the_users_gradient_hooks():
+    layer, twin = _layer(), _layer(strategy="grouped")
+    twin.load_state_dict(layer.state_dict())
+    seen = []
+    layer.weight.register_hook(lambda grad: seen.append(grad.clone()))
+    x = torch.randn(4, 8, 10, 10)
+    layer(x).square().sum().backward()  # the first call times every candidate
+    twin(x).square().sum().backward()
+    assert autotune.stats()["measurements"] >= 1
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], twin.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.weight.grad, twin.weight.grad, rtol=1e-4, atol=1e-5)

@@ -208,3 +208,49 @@ def test_a_geometry_onednn_gets_wrong_falls_back_to_loop():
     with torch.no_grad():
         for _ in range(3):
             assert rel_err(layer(x), reference(copy.deepcopy(layer).double(), x.double())) <= 1e-5
+
+
+@needs_onednn
+def test_an_edit_through_data_that_misses_a_strided_sample_still_repacks():
+    layer = make_layer(2, dict(in_channels=8, out_channels=8, kernel_size=3, padding=1), "packed")
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        layer(x)
+        layer.weight.data[:, :, :, 1, 1] = 0  # every centre tap: no version bump
+        edited = layer(x)
+        expected = reference(copy.deepcopy(layer).double(), x.double())
+    assert rel_err(edited, expected) <= 1e-5
+
+
+_OUTPUTS_OF_PADDING_ONLY = """
+import torch
+from dynconvert.layers import DynamicConv2d
+torch.manual_seed(0)
+for kwargs, size in [
+    (dict(in_channels=2, out_channels=6, kernel_size=(5, 2), stride=(1, 2), padding=(0, 3),
+          dilation=(3, 2), groups=2), (2, 2, 15, 1)),
+    (dict(in_channels=16, out_channels=1, kernel_size=1, stride=(1, 3), padding=(3, 2),
+          dilation=2), (2, 16, 1, 1)),
+]:
+    layer = DynamicConv2d(**kwargs, strategy="packed").eval()
+    x = torch.randn(size)
+    with torch.no_grad():
+        got = layer(x)
+        layer.strategy = "loop"
+        want = layer(x)
+    print(float((got - want).abs().max() / want.abs().max()))
+"""
+
+
+@needs_onednn
+def test_geometries_with_outputs_that_read_only_padding_do_not_crash():
+    """oneDNN's prepacked conv with a bias segfaulted on these (a subprocess survives that)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", _OUTPUTS_OF_PADDING_ONLY], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    errors = [float(line) for line in result.stdout.split()]
+    assert len(errors) == 2 and max(errors) <= 1e-5

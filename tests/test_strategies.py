@@ -246,3 +246,15 @@ def test_temperature_that_rounds_to_zero_or_inf_is_refused(dtype, value):
     with pytest.raises(ValueError, match="pick a value that dtype can hold"):
         layer.set_temperature(value)
     assert layer.temperature == 1.0
+
+
+@pytest.mark.parametrize("name", [s for s in STRATEGIES if s != "dense"] + ["auto"])
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_a_sliced_channels_last_input_gives_the_convs_layout(name, kernel_size):
+    case = dict(in_channels=4, out_channels=6, kernel_size=kernel_size, padding=kernel_size // 2)
+    layer, conv = make_layer(2, case, name), torch.nn.Conv2d(**case)
+    x = torch.randn(3, 4, 7, 7).contiguous(memory_format=torch.channels_last)[:, :, 1:]
+    with torch.no_grad():
+        got, want = layer(x), conv(x)
+    assert got.stride() == want.stride() and got.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(got, reference(layer.double(), x.double())) <= 1e-5

@@ -14,6 +14,7 @@ autotuning off (``DYNCONVERT_AUTOTUNE=0`` in the environment, or :func:`set_auto
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -22,6 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from . import prepacked
 from .lean_backward import backward_kind, lean_backward_enabled, lean_forward
@@ -147,6 +149,21 @@ def cost_model_choice(layer: DynamicConvNd, x: torch.Tensor) -> str:
     return "grouped"
 
 
+def _without_param_hooks(layer: DynamicConvNd) -> DynamicConvNd:
+    """A shallow copy whose weight and bias are new leaves on the same storage.
+
+    Timing a training candidate differentiates the parameters; on the layer's own ones that
+    would run the user's gradient hooks (``weight.register_hook``) on every timed call.
+    """
+    shadow = copy.copy(layer)
+    shadow._parameters = dict(layer._parameters)
+    for name in ("weight", "bias"):
+        param = layer._parameters.get(name)
+        if param is not None:
+            shadow._parameters[name] = nn.Parameter(param.detach(), param.requires_grad)
+    return shadow
+
+
 def _runner(
     layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor, name: str, fn: Strategy, train: bool
 ) -> Callable[[], object]:
@@ -159,6 +176,7 @@ def _runner(
 
         return forward
     backward = backward_kind(layer, name)
+    layer = _without_param_hooks(layer)
 
     def forward_backward() -> object:
         with torch.enable_grad():

@@ -18,19 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import KernelAttention
+from .layout import output_memory_format
 from .padding import ResolvedPadding, ntuple, resolve_padding
 from .strategies import STRATEGIES, mix_kernels, run_strategy
 
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def output_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The layout ``nn.Conv2d/3d`` gives its output: channels-last in, channels-last out."""
-    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
-    last = formats.get(x.dim())
-    if last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=last):
-        return last
-    return torch.contiguous_format
 
 
 def _check_k(k: int) -> int:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .layout import output_memory_format
 from .workspace import recording
 
 if TYPE_CHECKING:
@@ -128,14 +129,24 @@ def _packed_kernels(layer: DynamicConvNd, input_size: tuple[int, ...]) -> torch.
 
 
 #: Elements of the K kernels compared on every call (a few µs): edits through ``.data``
-#: (``layer.weight.data.mul_(2)``, old-style init code) do not bump ``_version``.
-SAMPLED_ELEMENTS = 64
+#: (``layer.weight.data.mul_(2)``, old-style init code, numpy views) do not bump
+#: ``_version``. The positions are scattered at random (seeded), not strided: a regular stride
+#: can fall on a lattice of the kernel (every 36th element of a 4x3x3 block is one tap) and
+#: miss a structured edit such as zeroing the centre taps. An edit of a handful of single
+#: elements can still go unseen; assign a new tensor or use ``copy_`` under ``no_grad``.
+SAMPLED_ELEMENTS = 1024
+_sample_positions: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def _weight_sample(weight: torch.Tensor) -> torch.Tensor:
     flat = weight.detach().reshape(-1)
-    step = max(1, flat.numel() // SAMPLED_ELEMENTS)
-    return flat[::step].clone()
+    key = (flat.numel(), flat.device)
+    positions = _sample_positions.get(key)
+    if positions is None:
+        generator = torch.Generator().manual_seed(flat.numel())
+        chosen = torch.randint(flat.numel(), (SAMPLED_ELEMENTS,), generator=generator)
+        positions = _sample_positions[key] = chosen.to(flat.device)
+    return flat[positions]  # a gather: a new tensor, not a view
 
 
 def _geometry(layer: DynamicConvNd, input_size: tuple[int, ...]) -> tuple:
@@ -207,27 +218,25 @@ def packed_conv(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> to
         return STRATEGIES["loop"](layer, x, attn)
     kernels = _packed_kernels(layer, input_size)
     target, flat = _target(layer, input_size)
-    bias = mix_bias(layer.bias, attn)
     padding, stride, dilation, groups = _conv_args(layer, input_size)[:4]
-    # oneDNN hands back channels_last; the result keeps the input's memory format, as
-    # nn.Conv2d's does.
+    # The bias is added afterwards: oneDNN's prepacked conv with a bias crashes the process
+    # (SIGSEGV, torch 2.14.1) where stride and dilation leave output columns that read only
+    # padding, and a crash cannot be checked for the way _geometry_works checks values.
     outs = []
     for i, coeffs in enumerate(attn.tolist()):
         _mix_one_into(kernels, coeffs, flat)  # streamed, straight into oneDNN's kernel
-        bias_i = None if bias is None else bias[i]
         outs.append(
             torch.ops.mkldnn._convolution_pointwise(
-                x[i : i + 1], target, bias_i, padding, stride, dilation, groups, "none", [], ""
+                x[i : i + 1], target, None, padding, stride, dilation, groups, "none", [], ""
             )
         )
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return out.contiguous(memory_format=_memory_format(x))
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+    bias = mix_bias(layer.bias, attn)
+    if bias is not None:
+        out += bias.view(*bias.shape, 1, 1)
+    # oneDNN hands back channels_last; the result keeps the input's memory format, as
+    # nn.Conv2d's does.
+    return out.contiguous(memory_format=output_memory_format(x))
 
 
 def forget(layer: DynamicConvNd | None = None) -> None:
