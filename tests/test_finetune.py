@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -551,14 +552,26 @@ def test_checkpoint_is_written_with_a_normal_file_mode(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
-def test_resume_refuses_other_sample_order_and_finished_runs(tmp_path):
+def test_resume_refuses_other_order_optimizer_or_data_and_returns_a_finished_run(tmp_path):
     ckpt = tmp_path / "c.pt"
     opts = dict(epochs=1, checkpoint=ckpt, **QUIET)
-    dynconvert.finetune(tiny_model(), tensor_data(), batch_size=8, **opts)
-    with pytest.raises(DynconvertError, match="batch_size=8, this run has 4"):
-        dynconvert.finetune(tiny_model(), tensor_data(), batch_size=4, resume=ckpt, **opts)
-    with pytest.raises(DynconvertError, match="already finished 1 epochs"):
-        dynconvert.finetune(tiny_model(), tensor_data(), batch_size=8, resume=ckpt, **opts)
+    trained = dynconvert.finetune(tiny_model(), tensor_data(), batch_size=8, **opts).model
+    refused = [
+        (dict(batch_size=4), tensor_data(), "batch_size=8, this run has 4"),
+        (dict(lr=0.5), tensor_data(), "lr=0.01, this run has 0.5"),
+        (dict(optimizer="adamw"), tensor_data(), "optimizer='sgd', this run has 'adamw'"),
+        (dict(weight_decay=0.1), tensor_data(), "weight_decay=0.0005, this run has 0.1"),
+        (dict(), tensor_data(48), "ran 3 batches per epoch, this data gives 6"),
+    ]
+    for changed, data, message in refused:
+        kwargs = {"batch_size": 8, **opts, **changed}
+        with pytest.raises(DynconvertError, match=re.escape(message)):
+            dynconvert.finetune(tiny_model(), data, resume=ckpt, **kwargs)
+    with pytest.warns(UserWarning, match="already finished 1 epochs, so nothing is trained"):
+        again = dynconvert.finetune(tiny_model(), tensor_data(), batch_size=8, resume=ckpt, **opts)
+    assert len(again.history) == 1
+    for a, b in zip(again.model.parameters(), trained.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_attention_health_matches_direct_computation_and_flags_unused_kernels():

@@ -253,7 +253,7 @@ def run_finetune(
                 "--distill needs the original classifier head; drop --num-classes or --distill",
                 usage=True,
             )
-        reset_head(model, wanted)
+        reset_head(model, wanted, seed=options.get("seed") or 0)
         original = None
         if source.get("kind") == "timm":  # so that the saved file rebuilds the new head
             source = copy.deepcopy(source)

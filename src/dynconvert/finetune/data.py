@@ -9,8 +9,9 @@ on where a run was interrupted, so a resumed run sees exactly the batches it wou
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision.datasets import ImageFolder
 
 from ..errors import DynconvertError
 from .options import FinetuneOptions
@@ -51,7 +53,7 @@ def _scan(root: Path, split: str, check_headers: bool) -> tuple[list[str], int, 
         )
     images, unreadable, skipped = 0, set(), 0
     for cls in classes:
-        for path in (root / cls).rglob("*"):
+        for path in _files(root / cls):
             if path.is_file():
                 if path.suffix.lower() not in IMG_EXTENSIONS:
                     skipped += 1
@@ -67,6 +69,13 @@ def _scan(root: Path, split: str, check_headers: bool) -> tuple[list[str], int, 
             usage=True,
         )
     return classes, images, skipped, unreadable
+
+
+def _files(folder: Path) -> Iterator[Path]:
+    """Every file under ``folder``, through linked folders too, as ImageFolder walks it."""
+    for parent, _, names in sorted(os.walk(folder, followlinks=True)):
+        for name in sorted(names):
+            yield Path(parent) / name
 
 
 def _is_image(path: Path) -> bool:
@@ -131,20 +140,47 @@ def build_transforms(config: dict[str, Any], augment: str) -> tuple[Any, Any]:
     return train_tf, eval_tf
 
 
-def image_folder(root: Path, transform: Any, split: str):
-    from torchvision.datasets import ImageFolder
+def load_rgb(path: str):
+    """An image file as 8-bit RGB, as torchvision's loader, except that 16-bit greyscale is
+    scaled (``convert("RGB")`` clips it to white) and a failure names the file."""
+    from PIL import Image
 
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            if image.mode.startswith("I;16"):
+                levels = np.asarray(image, dtype=np.float64) / 257  # 0..65535 → 0..255
+                image = Image.fromarray(levels.round().astype(np.uint8))
+            return image.convert("RGB")
+    except OSError as exc:  # e.g. a file truncated after its header
+        raise OSError(f"cannot read image {path}: {exc}") from exc
+
+
+class ScannedImageFolder(ImageFolder):
+    """ImageFolder over the classes :func:`_scan` found: a hidden folder (``.ipynb_checkpoints``)
+    is not a class."""
+
+    def __init__(self, root: str, classes: list[str], **kwargs: Any) -> None:
+        self.scanned_classes = list(classes)
+        super().__init__(root, **kwargs)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return self.scanned_classes, {name: i for i, name in enumerate(self.scanned_classes)}
+
+
+def image_folder(root: Path, transform: Any, split: str):
     classes, _, skipped, unreadable = _scan(root, split, check_headers=True)
-    dataset = ImageFolder(
+    dataset = ScannedImageFolder(
         str(root),
+        classes,
         transform=transform,
+        loader=load_rgb,
         is_valid_file=lambda p: (
             Path(p).suffix.lower() in IMG_EXTENSIONS and Path(p) not in unreadable
         ),
         allow_empty=True,
     )
     dataset.skipped_files = skipped
-    assert dataset.classes == classes
     return dataset
 
 

@@ -136,10 +136,29 @@ class Trainer:
 
     # -- state (see resume.py) ---------------------------------------------------------
 
+    def _stop_non_finite(self, what: str) -> None:
+        kept = (
+            f"last good checkpoint kept: {self.last_checkpoint}"
+            if self.last_checkpoint
+            else "no checkpoint was written"
+        )
+        raise DynconvertError(
+            f"{what} at epoch {self.epoch + 1}, iteration {self.iteration}; stopped ({kept}). "
+            "Lower the lr or set clip_grad_norm"
+        )
+
+    def _check_finite_weights(self) -> None:
+        """A step with a finite loss can still write non-finite weights (an overflowing
+        gradient): never evaluate, checkpoint or save those as a result."""
+        for name, param in self.model.named_parameters():
+            if not torch.isfinite(param).all():
+                self._stop_non_finite(f"weights became non-finite ({name})")
+
     def _save(self) -> None:
         """Collective: every rank hands rank 0 its RNG states, rank 0 writes."""
         if self.opts.checkpoint is None:
             return
+        self._check_finite_weights()
         rng = self.ctx.gather_to_main(ckpt.capture_rng())
         if self.ctx.is_main:
             atomic_torch_save(trainer_state(self, rng), self.opts.checkpoint)
@@ -204,15 +223,7 @@ class Trainer:
             [loss.item() * n, correct, n, float(self._stop_requested)]
         )
         if not math.isfinite(loss_sum):
-            kept = (
-                f"last good checkpoint kept: {self.last_checkpoint}"
-                if self.last_checkpoint
-                else "no checkpoint was written"
-            )
-            raise DynconvertError(
-                f"loss became non-finite ({loss_sum / n}) at epoch {self.epoch + 1}, iteration "
-                f"{self.iteration}; stopped ({kept}). Lower the lr or set clip_grad_norm"
-            )
+            self._stop_non_finite(f"loss became non-finite ({loss_sum / n})")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         scale_kernel_gradients(
@@ -275,6 +286,7 @@ class Trainer:
         self.epoch_speed = seen / max(time.perf_counter() - started, 1e-9)
 
     def _end_epoch(self, progress: TrainProgress) -> None:
+        self._check_finite_weights()
         opts, sums = self.opts, self.epoch_sums
         last = self.epoch + 1 == opts.epochs
         self.temperature.apply(self.model, self.iteration)

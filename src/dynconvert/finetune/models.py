@@ -32,8 +32,18 @@ def model_num_classes(model: nn.Module) -> int | None:
     return last[1].out_features if last else None
 
 
-def reset_head(model: nn.Module, num_classes: int) -> None:
-    """A fresh ``num_classes`` head: timm's ``reset_classifier``, else a new last ``nn.Linear``."""
+def reset_head(model: nn.Module, num_classes: int, seed: int = 0) -> None:
+    """A fresh ``num_classes`` head: timm's ``reset_classifier``, else a new last ``nn.Linear``.
+
+    Its initial weights come from ``seed`` (not from the global RNG's state), so a run with
+    a fixed seed is reproducible; the global RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _reset_head(model, num_classes)
+
+
+def _reset_head(model: nn.Module, num_classes: int) -> None:
     if hasattr(model, "reset_classifier"):
         model.reset_classifier(num_classes)
         return

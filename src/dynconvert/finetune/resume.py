@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 
 # Options that fix the sample order: a resumed run must use the same ones.
 ORDER_OPTIONS = ("batch_size", "seed", "train_subset")
+# Options held in the restored optimizer and scheduler state (per-group lr and weight decay,
+# the optimizer's kind and buffers): a changed value would be silently overwritten.
+OPTIMIZER_OPTIONS = (
+    "optimizer", "lr", "momentum", "nesterov", "weight_decay", "attention_lr",
+    "attention_weight_decay", "kernel_lr_scale",
+)  # fmt: skip
 
 
 def trainer_state(t: Trainer, rng: list[dict[str, Any]]) -> dict[str, Any]:
@@ -56,12 +62,13 @@ def restore_trainer(t: Trainer, path: str | Path) -> None:
     """Load ``path`` into the trainer after checking it belongs to this model and run."""
     state = ckpt.load_checkpoint(path, t.model)
     saved = state["options"]
-    for key in ORDER_OPTIONS:
-        if saved.get(key) != getattr(t.opts, key):
+    for key in (*ORDER_OPTIONS, *OPTIMIZER_OPTIONS):
+        if key in saved and saved[key] != getattr(t.opts, key):
             raise DynconvertError(
-                f"resume: {path} was written with {key}={saved.get(key)!r}, this run has "
+                f"resume: {path} was written with {key}={saved[key]!r}, this run has "
                 f"{getattr(t.opts, key)!r}; use the same value to continue the run"
             )
+    _check_same_data(t, path, state)
     same_world = state["world"] == t.ctx.world
     if not same_world and state["batch"] != 0:
         raise DynconvertError(
@@ -73,8 +80,11 @@ def restore_trainer(t: Trainer, path: str | Path) -> None:
         was = "on" if state["teacher"]["enabled"] else "off"
         raise DynconvertError(f"resume: {path} was written with distillation {was}; keep it {was}")
     if state["epoch"] >= t.opts.epochs and state["batch"] == 0:
-        raise DynconvertError(
-            f"resume: {path} already finished {state['epoch']} epochs; raise --epochs to go on"
+        # e.g. stopped after its last checkpoint, before the model was saved: give it back
+        warnings.warn(
+            f"resume: {path} already finished {state['epoch']} epochs, so nothing is trained; "
+            "its model is the result (raise --epochs to go on)",
+            stacklevel=4,
         )
     _continue_temperature_schedule(t, path, state["temperature"])
     t.model.load_state_dict(state["model"])
@@ -90,6 +100,34 @@ def restore_trainer(t: Trainer, path: str | Path) -> None:
         return
     rng = state["rng"]
     ckpt.restore_rng(rng if isinstance(rng, dict) else rng[t.ctx.rank])  # dict: older, one state
+
+
+def _check_same_data(t: Trainer, path: str | Path, state: dict[str, Any]) -> None:
+    """The classes and the number of batches per epoch must be the run's own: the saved
+    position (batch within the epoch) and the head's labels mean nothing on other data."""
+    saved_classes = state.get("classes")
+    if saved_classes is not None and t.classes is not None and saved_classes != t.classes:
+        raise DynconvertError(
+            f"resume: {path} was trained on classes {_few(saved_classes)}, this data has "
+            f"{_few(t.classes)}; resume on the same data"
+        )
+    if state["world"] != t.ctx.world:  # batches per epoch differ; handled by the caller
+        return
+    done = state["iteration"] - state["batch"]  # iterations of the finished epochs
+    per_epoch = done // state["epoch"] if state["epoch"] else None
+    if (per_epoch is not None and per_epoch != t.iters_per_epoch) or (
+        state["batch"] > t.iters_per_epoch
+    ):
+        had = f"{per_epoch} batches per epoch" if per_epoch else f"{state['batch']}+ batches"
+        raise DynconvertError(
+            f"resume: {path} ran {had}, this data gives {t.iters_per_epoch}; resume on the "
+            "same data"
+        )
+
+
+def _few(names: list[str]) -> str:
+    shown = ", ".join(map(str, names[:4]))
+    return f"[{shown}{', …' if len(names) > 4 else ''}] ({len(names)})"
 
 
 def _continue_temperature_schedule(t: Trainer, path: str | Path, saved: dict[str, Any]) -> None:
