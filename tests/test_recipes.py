@@ -93,3 +93,13 @@ def test_recipe_file_errors(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_recipe(empty).finetune_options() == {}
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("finetune:\n  lr: 1e-3\n  weight_decay: 5E-5\n  attention_lr: +2.5e+1\n")
+    recipe = load_recipe(path)
+    assert recipe.finetune == {"lr": 1e-3, "weight_decay": 5e-5, "attention_lr": 25.0}
+    import yaml
+
+    assert yaml.safe_load("x: 1e-3")["x"] == "1e-3"  # PyYAML's own loader is left alone

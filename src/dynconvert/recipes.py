@@ -8,6 +8,7 @@ recipe values (see ``dynconvert finetune --recipe``).
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +240,12 @@ def _read_yaml(path: Path) -> Any:
                 seen[key] = line
             return super().construct_mapping(node, deep=deep)
 
+    # YAML 1.2 floats: PyYAML's 1.1 rules read `lr: 1e-3` (no dot) as the string "1e-3".
+    UniqueKeyLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
     try:
         return yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # a SafeLoader: no code runs
     except yaml.YAMLError as exc:
