@@ -94,3 +94,15 @@ def test_a_reset_head_follows_the_seed_not_the_global_rng():
         assert torch.equal(torch.random.get_rng_state(), state)  # left as it was
         heads.append(model[-1].weight.detach().clone())
     assert heads[0].shape == (5, 8) and torch.equal(heads[0], heads[1])
+
+
+def test_an_epoch_never_ends_on_a_batch_of_one_for_batchnorm(tmp_path):
+    """9 samples in batches of 4: the lone ninth would fail BatchNorm on a 1x1 last stage."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=8), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)
+    )
+    dynconvert.convert(model, skip_stem=False)
+    result = dynconvert.finetune(model, tensor_data(9), epochs=2, batch_size=4, **QUIET)
+    assert len(result.history) == 2
+    done = dynconvert.finetune(tiny_model(), tensor_data(10), epochs=1, batch_size=4, **QUIET)
+    assert done.history[0]["train_loss"] > 0  # 10 = 4 + 4 + 2: nothing dropped

@@ -273,6 +273,17 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.skip
 
 
+def lone_last_batch(sampler: Sequence[int], opts: FinetuneOptions) -> bool:
+    """Whether an epoch would end on a batch of one sample, which training drops: BatchNorm
+    cannot normalise one value per channel (a 1x1 last stage, as on 32px images)."""
+    return len(sampler) > 1 and len(sampler) % opts.batch_size == 1
+
+
+def iterations_per_epoch(sampler: Sequence[int], opts: FinetuneOptions) -> int:
+    full, rest = divmod(len(sampler), opts.batch_size)
+    return full + (1 if rest and not lone_last_batch(sampler, opts) else 0)
+
+
 def make_loader(
     dataset: Dataset,
     *,
@@ -281,6 +292,7 @@ def make_loader(
     sampler: Sequence[int] | None = None,
     collate_fn: Any = None,
     pin_memory: bool = False,
+    drop_last: bool = False,
 ) -> DataLoader:
     # An explicit generator keeps DataLoader from drawing its worker seed from the global RNG.
     return DataLoader(
@@ -290,7 +302,7 @@ def make_loader(
         num_workers=num_workers,
         collate_fn=collate_fn,
         pin_memory=pin_memory,
-        drop_last=False,
+        drop_last=drop_last,
         generator=torch.Generator().manual_seed(0),
     )
 
@@ -353,7 +365,8 @@ def prepare_data(
         "collate_fn": collate,
         "pin_memory": pin_memory,
     }
-    loader = make_loader(seeded, sampler=sampler, **common)
+    drop_last = lone_last_batch(sampler, opts)
+    loader = make_loader(seeded, sampler=sampler, drop_last=drop_last, **common)
     val_loader = None
     if val_set is not None:
         # Every image exactly once over all ranks (DistributedSampler would pad with repeats).

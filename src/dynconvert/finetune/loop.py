@@ -17,7 +17,7 @@ from ..errors import DynconvertError
 from ..io.files import atomic_torch_save
 from . import checkpoint as ckpt
 from . import precision
-from .data import prepare_data
+from .data import iterations_per_epoch, prepare_data
 from .distributed import init_distributed, wrap_ddp
 from .health import AttentionMonitor, mean_entropy, unused_warnings
 from .losses import (
@@ -103,7 +103,7 @@ class Trainer:
         if teacher is not None:
             teacher.to(self.device).eval().requires_grad_(False)
         self.fingerprint = ckpt.model_fingerprint(self.model)
-        self.iters_per_epoch = math.ceil(len(self.sampler) / opts.batch_size)
+        self.iters_per_epoch = iterations_per_epoch(self.sampler, opts)
         self.total_iters = self.iters_per_epoch * opts.epochs
         self.optimizer = make_optimizer(self.model, opts)
         warmup = round(opts.warmup_epochs * self.iters_per_epoch)
