@@ -106,3 +106,10 @@ def test_an_epoch_never_ends_on_a_batch_of_one_for_batchnorm(tmp_path):
     assert len(result.history) == 2
     done = dynconvert.finetune(tiny_model(), tensor_data(10), epochs=1, batch_size=4, **QUIET)
     assert done.history[0]["train_loss"] > 0  # 10 = 4 + 4 + 2: nothing dropped
+
+
+def test_a_float64_model_trains_on_float32_images(tmp_path):
+    root = make_image_folder(tmp_path / "train", per_class=4)
+    model = tiny_model().double()
+    result = dynconvert.finetune(model, root, epochs=1, batch_size=4, input_size=16, **QUIET)
+    assert len(result.history) == 1 and all(p.dtype == torch.float64 for p in model.parameters())

@@ -103,6 +103,9 @@ class Trainer:
         if teacher is not None:
             teacher.to(self.device).eval().requires_grad_(False)
         self.fingerprint = ckpt.model_fingerprint(self.model)
+        self.input_dtype = next(
+            (p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32
+        )
         self.iters_per_epoch = iterations_per_epoch(self.sampler, opts)
         self.total_iters = self.iters_per_epoch * opts.epochs
         self.optimizer = make_optimizer(self.model, opts)
@@ -185,7 +188,9 @@ class Trainer:
         return 100.0 * correct / max(count, 1)
 
     def _to_device(self, inputs: torch.Tensor) -> torch.Tensor:
-        inputs = inputs.to(self.device, non_blocking=True)
+        # Images arrive as float32; a float64 (or half) model takes them in its own dtype.
+        dtype = self.input_dtype if inputs.is_floating_point() else None
+        inputs = inputs.to(self.device, dtype=dtype, non_blocking=True)
         if self.memory_format is not None:
             inputs = inputs.contiguous(memory_format=self.memory_format)
         return inputs
