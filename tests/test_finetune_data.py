@@ -113,3 +113,11 @@ def test_a_float64_model_trains_on_float32_images(tmp_path):
     model = tiny_model().double()
     result = dynconvert.finetune(model, root, epochs=1, batch_size=4, input_size=16, **QUIET)
     assert len(result.history) == 1 and all(p.dtype == torch.float64 for p in model.parameters())
+
+
+def test_options_object_and_keywords_together_are_refused():
+    from dynconvert.finetune import FinetuneOptions
+
+    with pytest.raises(DynconvertError, match=r"not both \(got options and epochs, lr\)"):
+        dynconvert.finetune(tiny_model(), tensor_data(8), options=FinetuneOptions(epochs=1),
+                            epochs=3, lr=5.0)  # fmt: skip

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import DynconvertError
 from ..ranks import warnings_on_main_only
 from .loop import FinetuneResult, Trainer
 from .models import load_user_model, reset_head, static_teacher, static_twin
@@ -33,9 +34,18 @@ def finetune(model: nn.Module, train: Any, val: Any = None, **options: Any) -> F
     training). ``teacher=True`` distills from a frozen static copy of the model as given
     (exactly the original model for a freshly converted one). ``result.model`` is ``model``
     itself; ``result.history`` has one dict per epoch. Under ``torchrun`` the same call
-    trains with DistributedDataParallel; only rank 0 writes files and prints.
+    trains with DistributedDataParallel; only rank 0 writes files and prints. A ready
+    :class:`FinetuneOptions` may come as ``options=`` instead of the keywords (not both).
     """
-    opts = options.pop("options", None) or FinetuneOptions.from_kwargs(**options)
+    opts = options.pop("options", None)
+    if opts is None:
+        opts = FinetuneOptions.from_kwargs(**options)
+    elif options:
+        raise DynconvertError(
+            f"finetune: pass options either in options= or as keywords, not both (got options "
+            f"and {', '.join(sorted(options))}); use dataclasses.replace(options, ...)",
+            usage=True,
+        )
     with warnings_on_main_only():
         return Trainer(model, train, val, opts).run()
 
