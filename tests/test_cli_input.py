@@ -430,3 +430,16 @@ def test_an_exported_file_given_as_model_is_named(timm_file, tmp_path, capsys, c
     code, _, err = run(capsys, *args)
     assert code != 0
     assert_one_line_error(err, "looks like an exported onnx file", "give the .pt file")
+
+
+def test_warnings_print_as_one_line_and_with_debug_as_python_does():
+    import warnings
+
+    from dynconvert.cli import _plain_warnings
+
+    with _plain_warnings(True):
+        assert warnings.formatwarning("to know", UserWarning, "loop.py", 3) == "warning: to know\n"
+    with _plain_warnings(False):  # --debug
+        assert "loop.py:3: UserWarning: to know" in warnings.formatwarning(
+            "to know", UserWarning, "loop.py", 3
+        )

@@ -10,8 +10,11 @@ command line) adds the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import traceback
+import warnings
+from collections.abc import Iterator
 from importlib import import_module
 
 import click
@@ -96,6 +99,18 @@ def _hoist_debug(argv: list[str]) -> tuple[list[str], bool]:
     return (["--debug", *rest] if debug else rest), debug
 
 
+@contextlib.contextmanager
+def _plain_warnings(enabled: bool) -> Iterator[None]:
+    """Warnings as one ``warning: ...`` line (``--debug`` keeps Python's file and line)."""
+    previous = warnings.formatwarning
+    if enabled:
+        warnings.formatwarning = _warning_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
+
+
 def _print_traceback(exc: BaseException) -> None:
     """The traceback with every chained exception, also those hidden by ``raise ... from None``:
     under ``--debug`` the root cause is what the user asked to see."""
@@ -108,11 +123,16 @@ def _print_traceback(exc: BaseException) -> None:
     traceback.print_exception(exc)
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """A warning as the CLI prints it: ``warning: <message>``, without Python's source line."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the CLI and maps failures to one line and an exit code."""
     argv, debug = _hoist_debug(list(sys.argv[1:] if argv is None else argv))
     try:
-        with warnings_on_main_only():
+        with warnings_on_main_only(), _plain_warnings(not debug):
             cli.main(args=argv, prog_name="dynconvert", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
