@@ -443,3 +443,11 @@ def test_warnings_print_as_one_line_and_with_debug_as_python_does():
         assert "loop.py:3: UserWarning: to know" in warnings.formatwarning(
             "to know", UserWarning, "loop.py", 3
         )
+
+
+def test_a_missing_file_named_like_a_command_is_missing_not_mistyped(tmp_path, capsys):
+    code, _, err = run(capsys, tmp_path / "finetuned.pt", "--out", tmp_path / "x.pt")
+    assert code == 2
+    assert_one_line_error(err, "finetuned.pt does not exist")
+    code, _, err = run(capsys, "finetuned.pt", "--out", tmp_path / "x.pt")
+    assert code == 2 and "unknown command" not in err

@@ -182,3 +182,9 @@ def test_temperature_the_dtype_cannot_hold_is_refused_before_the_swap():
             dynconvert.convert(model, temperature=temperature)
     assert not any(isinstance(m, DynamicConvNd) for m in model.modules())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_a_lazy_module_with_only_buffers_is_not_initialised_by_the_probe():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LazyBatchNorm2d(affine=False), nn.Conv2d(8, 4, 1))
+    _, report = dynconvert.convert(model, input_size=(3, 8, 8))
+    assert isinstance(model[1], nn.LazyBatchNorm2d) and report.converted_names == ["2"]

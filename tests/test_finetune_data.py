@@ -51,6 +51,25 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
     assert rgb[..., 0].tolist() == [[0, 64], [128, 255]]
 
 
+def test_sixteen_bit_values_in_a_32_bit_image_are_scaled_too(tmp_path):
+    """Older Pillow opens 16-bit PNGs as mode "I"; a 32-bit TIFF is "I" in every version."""
+    path = tmp_path / "i32.tif"
+    Image.fromarray(np.array([[0, 65535]], dtype=np.int32), mode="I").save(path)
+    assert Image.open(path).mode == "I"
+    assert np.asarray(load_rgb(str(path)))[..., 0].tolist() == [[0, 255]]
+    small = tmp_path / "i32_8bit.tif"  # mode "I" holding 8-bit values stays as it is
+    Image.fromarray(np.array([[0, 200]], dtype=np.int32), mode="I").save(small)
+    assert np.asarray(load_rgb(str(small)))[..., 0].tolist() == [[0, 200]]
+
+
+def test_a_dangling_link_is_skipped_like_an_unreadable_file(tmp_path):
+    root = make_image_folder(tmp_path / "train", classes=("a",), per_class=2)
+    (root / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    dataset = image_folder(root, None, "train")
+    assert len(dataset) == 2 and dataset.skipped_files == 1
+    assert all(dataset[i][0].size == (16, 16) for i in range(len(dataset)))
+
+
 def test_a_file_truncated_after_its_header_is_named(tmp_path):
     path = tmp_path / "cut.jpg"
     Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(path, quality=95)
@@ -102,10 +121,31 @@ def test_an_epoch_never_ends_on_a_batch_of_one_for_batchnorm(tmp_path):
         nn.Conv2d(3, 8, 3, stride=8), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)
     )
     dynconvert.convert(model, skip_stem=False)
-    result = dynconvert.finetune(model, tensor_data(9), epochs=2, batch_size=4, **QUIET)
+    checkpoint = tmp_path / "nine.ckpt"
+    result = dynconvert.finetune(model, tensor_data(9), epochs=2, batch_size=4,
+                                 checkpoint=checkpoint, **QUIET)  # fmt: skip
     assert len(result.history) == 2
-    done = dynconvert.finetune(tiny_model(), tensor_data(10), epochs=1, batch_size=4, **QUIET)
-    assert done.history[0]["train_loss"] > 0  # 10 = 4 + 4 + 2: nothing dropped
+    assert torch.load(checkpoint, weights_only=True)["iteration"] == 2 * 2  # 4 + 4, one dropped
+    dynconvert.finetune(tiny_model(), tensor_data(10), epochs=1, batch_size=4,
+                        checkpoint=tmp_path / "ten.ckpt", **QUIET)  # fmt: skip
+    assert torch.load(tmp_path / "ten.ckpt", weights_only=True)["iteration"] == 3  # 4 + 4 + 2
+
+
+def test_a_checkpoint_that_trained_the_lone_sample_as_a_batch_resumes_rescaled(tmp_path):
+    """Earlier versions ran ceil(9 / 4) = 3 batches per epoch where this one runs 2."""
+    checkpoint = tmp_path / "c.ckpt"
+    options = dict(batch_size=4, checkpoint=checkpoint, **QUIET)
+    dynconvert.finetune(tiny_model(), tensor_data(9), epochs=1, **options)
+    state = torch.load(checkpoint, weights_only=True)
+    state["iteration"] = 3  # as the earlier version wrote it
+    torch.save(state, checkpoint)
+    with pytest.warns(UserWarning, match="earlier dynconvert.*iteration count rescaled"):
+        dynconvert.finetune(tiny_model(), tensor_data(9), epochs=2, resume=checkpoint, **options)
+    assert torch.load(checkpoint, weights_only=True)["iteration"] == 4
+    with pytest.raises(DynconvertError, match="ran 3 batches per epoch, this data gives 5"):
+        state["epoch"], state["iteration"] = 1, 3
+        torch.save(state, checkpoint)
+        dynconvert.finetune(tiny_model(), tensor_data(20), epochs=2, resume=checkpoint, **options)
 
 
 def test_a_float64_model_trains_on_float32_images(tmp_path):

@@ -258,3 +258,12 @@ def test_a_sliced_channels_last_input_gives_the_convs_layout(name, kernel_size):
         got, want = layer(x), conv(x)
     assert got.stride() == want.stride() and got.is_contiguous(memory_format=torch.channels_last)
     assert rel_err(got, reference(layer.double(), x.double())) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["grouped", "unfold", "loop", "static"])
+def test_a_one_channel_channels_last_input_gives_the_convs_layout(name):
+    case = dict(in_channels=1, out_channels=4, kernel_size=3, padding=1)
+    layer, conv = make_layer(2, case, name), torch.nn.Conv2d(**case)
+    x = torch.randn(2, 1, 6, 6).contiguous(memory_format=torch.channels_last)  # a grey stem
+    with torch.no_grad():
+        assert layer(x).stride() == conv(x).stride()

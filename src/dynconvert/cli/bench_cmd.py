@@ -153,7 +153,7 @@ def bench_command(
         )
     if json_path is not None:
         # before the measurement, which takes minutes
-        check_output_path(json_path, (Path(model) if Path(model).exists() else None,))
+        check_output_path(json_path, (Path(model) if is_saved_file(model) else None,))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     pair = _load_pair(model, architecture, k, strategy)
     console = Console()

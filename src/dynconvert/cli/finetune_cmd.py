@@ -171,13 +171,13 @@ def check_run(flags: dict[str, Any], out: Path, inputs: tuple[Path | None, ...] 
     from ..finetune.plot import check_plot_path
 
     options, recipe, data = collect_options(flags)
-    read = (*inputs, flags.get("recipe"))
-    io.check_output_path(out, (*read, options.get("resume")))
+    files_read = (*inputs, flags.get("recipe"))
+    io.check_output_path(out, (*files_read, options.get("resume")))
     options.setdefault("checkpoint", str(out.with_suffix(".ckpt")))
     _check_distinct(out, options, explicit_checkpoint=flags.get("checkpoint") is not None)
     for written in (options["checkpoint"], options.get("plot")):  # may be the resumed file
         if written is not None:
-            io.check_output_path(Path(written), read)
+            io.check_output_path(Path(written), files_read)
     if options.get("plot") is not None:
         check_plot_path(options["plot"])
     train_root, val_root = split_folders(data)

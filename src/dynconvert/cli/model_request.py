@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import DynconvertError
+from ..modes import training_mode
 from .params import build_architecture, check_model_path
 
 # File names that are certainly files, even if missing (timm names never end like this).
@@ -179,10 +180,9 @@ def probe_input_size(model: nn.Module, size: tuple[int, ...], name: str) -> None
     like = next(model.parameters(), None)
     example = torch.zeros(1, *size, dtype=getattr(like, "dtype", torch.float32),
                           device=getattr(like, "device", "cpu"))  # fmt: skip
-    training = {module: module.training for module in model.modules()}
     try:
-        with torch.no_grad():
-            model.eval()(example)
+        with training_mode(model, False), torch.no_grad():
+            model(example)
     except Exception as exc:
         default = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
         hint = f", e.g. its default {','.join(map(str, default))}" if default else ""
@@ -191,9 +191,6 @@ def probe_input_size(model: nn.Module, size: tuple[int, ...], name: str) -> None
             f"the size it expects with --input-size{hint}",
             usage=True,
         ) from exc
-    finally:
-        for module, flag in training.items():
-            module.training = flag
 
 
 def _stored_report(model: nn.Module) -> dict[str, Any]:

@@ -17,22 +17,24 @@ from .discover import ConvSite, discover
 from .replace import module_order, swap_modules
 from .select import Decision, decide, validate
 
-_DEFAULTS = ConvertConfig()
+_CONFIG_DEFAULTS = ConvertConfig()
 
 
-class _Default:
+class _KeywordDefault:
     """A keyword left at its :class:`ConvertConfig` default, so that ``config=`` plus an
     explicit keyword is refused even when the keyword's value equals the default."""
 
     def __init__(self, name: str) -> None:
-        self.value = getattr(_DEFAULTS, name)
+        self.value = getattr(_CONFIG_DEFAULTS, name)
 
     def __repr__(self) -> str:  # help(convert) shows the plain default
         return repr(self.value)
 
 
 #: The keyword defaults of :func:`convert`, one per :class:`ConvertConfig` field.
-_DEFAULT: dict[str, Any] = {f.name: _Default(f.name) for f in dataclasses.fields(ConvertConfig)}
+_KEYWORD_DEFAULTS: dict[str, Any] = {
+    f.name: _KeywordDefault(f.name) for f in dataclasses.fields(ConvertConfig)
+}
 
 
 def _count(params) -> int:
@@ -102,7 +104,7 @@ def _row(decision: Decision, new: nn.Module | None, config: ConvertConfig, model
 
 
 def _config_from(options: dict[str, Any], config: ConvertConfig | None) -> ConvertConfig:
-    given = {k: v for k, v in options.items() if not isinstance(v, _Default)}
+    given = {k: v for k, v in options.items() if not isinstance(v, _KeywordDefault)}
     if config is not None:
         if not isinstance(config, ConvertConfig):
             raise TypeError(f"config: expected a ConvertConfig, got {type(config).__name__}")
@@ -122,20 +124,20 @@ def _config_from(options: dict[str, Any], config: ConvertConfig | None) -> Conve
 
 def convert(
     model: nn.Module,
-    k: int = _DEFAULT["k"],
+    k: int = _KEYWORD_DEFAULTS["k"],
     *,
-    include: str | list[str] | None = _DEFAULT["include"],
-    exclude: str | list[str] | None = _DEFAULT["exclude"],
-    skip_stem: bool = _DEFAULT["skip_stem"],
-    min_channels: int = _DEFAULT["min_channels"],
-    depthwise: str = _DEFAULT["depthwise"],
-    ratio: float = _DEFAULT["ratio"],
-    temperature: float = _DEFAULT["temperature"],
-    dims: tuple[int, ...] = _DEFAULT["dims"],
-    noise: float = _DEFAULT["noise"],
-    strategy: str = _DEFAULT["strategy"],
-    seed: int = _DEFAULT["seed"],
-    input_size: tuple[int, ...] | None = _DEFAULT["input_size"],
+    include: str | list[str] | None = _KEYWORD_DEFAULTS["include"],
+    exclude: str | list[str] | None = _KEYWORD_DEFAULTS["exclude"],
+    skip_stem: bool = _KEYWORD_DEFAULTS["skip_stem"],
+    min_channels: int = _KEYWORD_DEFAULTS["min_channels"],
+    depthwise: str = _KEYWORD_DEFAULTS["depthwise"],
+    ratio: float = _KEYWORD_DEFAULTS["ratio"],
+    temperature: float = _KEYWORD_DEFAULTS["temperature"],
+    dims: tuple[int, ...] = _KEYWORD_DEFAULTS["dims"],
+    noise: float = _KEYWORD_DEFAULTS["noise"],
+    strategy: str = _KEYWORD_DEFAULTS["strategy"],
+    seed: int = _KEYWORD_DEFAULTS["seed"],
+    input_size: tuple[int, ...] | None = _KEYWORD_DEFAULTS["input_size"],
     example_input: torch.Tensor | None = None,
     config: ConvertConfig | None = None,
 ) -> tuple[nn.Module, ConversionReport]:

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import first_line
 from ..layers import DynamicConvNd
+from ..modes import training_mode
 from .probe import HARMLESS_PARAM_ATTRS, clear_shapes, example_for, probe
 
 _CONV_FUNCTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
@@ -238,13 +239,8 @@ def trace_other_mode(model: nn.Module) -> fx.Graph:
 
     Every module's training flag is restored afterwards.
     """
-    training = {m: m.training for m in model.modules()}
-    try:
-        model.train(not model.training)
+    with training_mode(model, not model.training):
         return trace(model)
-    finally:
-        for module, flag in training.items():
-            module.training = flag
 
 
 def default_input_size(model: nn.Module) -> tuple[int, ...] | None:
@@ -257,10 +253,11 @@ def default_input_size(model: nn.Module) -> tuple[int, ...] | None:
 
 
 def _lazy_modules(model: nn.Module) -> list[str]:
+    """Modules whose parameters or buffers a first forward would still create."""
     return [
         name
         for name, m in model.named_modules()
-        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in m._parameters.values())
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
     ]
 
 

@@ -19,6 +19,8 @@ import torch.fx as fx
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..modes import training_mode
+
 if TYPE_CHECKING:
     from .discover import ConvSite
 
@@ -64,7 +66,7 @@ def _getter(func: Any) -> str | None:
     return getattr(getattr(func, "__self__", None), "__name__", None)
 
 
-def _what(func: Any) -> str:
+def _describe_use(func: Any) -> str:
     getter = _getter(func)
     return f".{getter}" if getter else f" in {getattr(func, '__name__', func)}()"
 
@@ -99,7 +101,8 @@ class _ParamReadWatcher(TorchFunctionMode):
                 if hit is None or id(hit[0]) in self.active or hit[0].param_use:
                     continue
                 site, attr = hit
-                site.param_use = f"its {attr} is read outside its forward ({attr}{_what(func)})"
+                use = f"{attr}{_describe_use(func)}"
+                site.param_use = f"its {attr} is read outside its forward ({use})"
         return func(*args, **kwargs)
 
 
@@ -136,12 +139,11 @@ def probe(
         return record
 
     modules = [s for s in sites if s.module is not None]
-    handles = [s.module.register_forward_pre_hook(enter(s)) for s in modules]
+    # First among the pre-hooks: a user's own pre-hook runs "inside" the conv's call.
+    handles = [s.module.register_forward_pre_hook(enter(s), prepend=True) for s in modules]
     handles += [s.module.register_forward_hook(leave(s)) for s in modules]
-    training = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad(), watcher:
+        with training_mode(model, False), torch.no_grad(), watcher:
             if functional and graph is not None:
                 _Recorder(fx.GraphModule(model, graph), functional).run(example)
             else:
@@ -149,8 +151,6 @@ def probe(
     finally:
         for handle in handles:
             handle.remove()
-        for module, flag in training.items():
-            module.training = flag
     for site in sites:
         if site.module is not None:
             site.calls = counts.get(id(site), 0)

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from torch import nn
 
 from ..layers import DynamicConvNd
+from ..modes import training_mode
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+def eval_mode(model: nn.Module) -> AbstractContextManager[nn.Module]:
     """``model.eval()`` for the block; every module's own training flag is restored after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, flag in flags:
-            module.training = flag
+    return training_mode(model, False)
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +54,12 @@ def _scan(root: Path, split: str, check_headers: bool) -> tuple[list[str], int, 
     images, unreadable, skipped = 0, set(), 0
     for cls in classes:
         for path in _files(root / cls):
-            if path.is_file():
-                if path.suffix.lower() not in IMG_EXTENSIONS:
-                    skipped += 1
-                elif check_headers and not _is_image(path):
-                    unreadable.add(path)
-                else:
-                    images += 1
+            if path.suffix.lower() not in IMG_EXTENSIONS:
+                skipped += 1
+            elif not path.is_file() or (check_headers and not _is_image(path)):
+                unreadable.add(path)  # a dangling link, or a file PIL cannot open
+            else:
+                images += 1
     skipped += len(unreadable)
     if images == 0:
         raise DynconvertError(
@@ -148,9 +147,11 @@ def load_rgb(path: str):
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
-            if image.mode.startswith("I;16"):
-                levels = np.asarray(image, dtype=np.float64) / 257  # 0..65535 → 0..255
-                image = Image.fromarray(levels.round().astype(np.uint8))
+            if image.mode.startswith("I"):  # 16-bit greyscale: "I;16", or "I" in older Pillow
+                levels = np.asarray(image, dtype=np.float64)
+                if image.mode != "I" or levels.max() > 255:
+                    levels = levels / 257  # 0..65535 → 0..255
+                image = Image.fromarray(levels.clip(0, 255).round().astype(np.uint8))
             return image.convert("RGB")
     except OSError as exc:  # e.g. a file truncated after its header
         raise OSError(f"cannot read image {path}: {exc}") from exc
@@ -273,13 +274,13 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.skip
 
 
-def lone_last_batch(sampler: Sequence[int], opts: FinetuneOptions) -> bool:
+def lone_last_batch(sampler: Sized, opts: FinetuneOptions) -> bool:
     """Whether an epoch would end on a batch of one sample, which training drops: BatchNorm
     cannot normalise one value per channel (a 1x1 last stage, as on 32px images)."""
     return len(sampler) > 1 and len(sampler) % opts.batch_size == 1
 
 
-def iterations_per_epoch(sampler: Sequence[int], opts: FinetuneOptions) -> int:
+def iterations_per_epoch(sampler: Sized, opts: FinetuneOptions) -> int:
     full, rest = divmod(len(sampler), opts.batch_size)
     return full + (1 if rest and not lone_last_batch(sampler, opts) else 0)
 

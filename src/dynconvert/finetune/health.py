@@ -89,3 +89,15 @@ def unused_warnings(summary: dict[str, dict[str, Any]]) -> list[str]:
         for name, v in summary.items()
         if v["unused"]
     ]
+
+
+def first_non_finite(model: nn.Module) -> str | None:
+    """The name of the first parameter holding a NaN or an infinity, else None (one host
+    sync for the whole model)."""
+    named = list(model.named_parameters())
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(p).all() for _, p in named])
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0])][0]

@@ -19,7 +19,7 @@ from . import checkpoint as ckpt
 from . import precision
 from .data import iterations_per_epoch, prepare_data
 from .distributed import init_distributed, wrap_ddp
-from .health import AttentionMonitor, mean_entropy, unused_warnings
+from .health import AttentionMonitor, first_non_finite, mean_entropy, unused_warnings
 from .losses import (
     kernel_difference_penalty,
     make_mixup,
@@ -153,9 +153,9 @@ class Trainer:
     def _check_finite_weights(self) -> None:
         """A step with a finite loss can still write non-finite weights (an overflowing
         gradient): never evaluate, checkpoint or save those as a result."""
-        for name, param in self.model.named_parameters():
-            if not torch.isfinite(param).all():
-                self._stop_non_finite(f"weights became non-finite ({name})")
+        name = first_non_finite(self.model)
+        if name is not None:
+            self._stop_non_finite(f"weights became non-finite ({name})")
 
     def _save(self) -> None:
         """Collective: every rank hands rank 0 its RNG states, rank 0 writes."""

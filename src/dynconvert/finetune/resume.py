@@ -9,6 +9,7 @@ continues with exactly the batches, randomness and learning rates of the uninter
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 import warnings
@@ -28,9 +29,9 @@ ORDER_OPTIONS = ("batch_size", "seed", "train_subset")
 # Options held in the restored optimizer and scheduler state (per-group lr and weight decay,
 # the optimizer's kind and buffers): a changed value would be silently overwritten.
 OPTIMIZER_OPTIONS = (
-    "optimizer", "lr", "momentum", "nesterov", "weight_decay", "attention_lr",
-    "attention_weight_decay", "kernel_lr_scale",
+    "optimizer", "lr", "weight_decay", "attention_lr", "attention_weight_decay", "kernel_lr_scale",
 )  # fmt: skip
+SGD_OPTIONS = ("momentum", "nesterov")  # ignored by AdamW
 
 
 def trainer_state(t: Trainer, rng: list[dict[str, Any]]) -> dict[str, Any]:
@@ -62,13 +63,16 @@ def restore_trainer(t: Trainer, path: str | Path) -> None:
     """Load ``path`` into the trainer after checking it belongs to this model and run."""
     state = ckpt.load_checkpoint(path, t.model)
     saved = state["options"]
-    for key in (*ORDER_OPTIONS, *OPTIMIZER_OPTIONS):
+    checked = (*ORDER_OPTIONS, *OPTIMIZER_OPTIONS)
+    if t.opts.optimizer == "sgd":
+        checked += SGD_OPTIONS
+    for key in checked:
         if key in saved and saved[key] != getattr(t.opts, key):
             raise DynconvertError(
                 f"resume: {path} was written with {key}={saved[key]!r}, this run has "
                 f"{getattr(t.opts, key)!r}; use the same value to continue the run"
             )
-    _check_same_data(t, path, state)
+    rescale = _check_same_data(t, path, state)
     same_world = state["world"] == t.ctx.world
     if not same_world and state["batch"] != 0:
         raise DynconvertError(
@@ -98,13 +102,25 @@ def restore_trainer(t: Trainer, path: str | Path) -> None:
     if not same_world:
         _continue_with_other_world(t, path, state["world"])
         return
+    if rescale:
+        warnings.warn(
+            f"resume: {path} was written by an earlier dynconvert, which trained each epoch's "
+            "lone last sample as a batch of its own; continuing with the iteration count "
+            "rescaled: the result will differ slightly from an uninterrupted run",
+            stacklevel=4,
+        )
+        _restart_schedule_at(t, t.epoch * t.iters_per_epoch + t.batch)
     rng = state["rng"]
     ckpt.restore_rng(rng if isinstance(rng, dict) else rng[t.ctx.rank])  # dict: older, one state
 
 
-def _check_same_data(t: Trainer, path: str | Path, state: dict[str, Any]) -> None:
+def _check_same_data(t: Trainer, path: str | Path, state: dict[str, Any]) -> bool:
     """The classes and the number of batches per epoch must be the run's own: the saved
-    position (batch within the epoch) and the head's labels mean nothing on other data."""
+    position (batch within the epoch) and the head's labels mean nothing on other data.
+
+    Returns True for a checkpoint of an earlier dynconvert that trained an epoch's lone last
+    sample as a batch of its own (one batch more per epoch): its iteration count is rescaled.
+    """
     saved_classes = state.get("classes")
     if saved_classes is not None and t.classes is not None and saved_classes != t.classes:
         raise DynconvertError(
@@ -112,17 +128,18 @@ def _check_same_data(t: Trainer, path: str | Path, state: dict[str, Any]) -> Non
             f"{_few(t.classes)}; resume on the same data"
         )
     if state["world"] != t.ctx.world:  # batches per epoch differ; handled by the caller
-        return
+        return False
     done = state["iteration"] - state["batch"]  # iterations of the finished epochs
-    per_epoch = done // state["epoch"] if state["epoch"] else None
-    if (per_epoch is not None and per_epoch != t.iters_per_epoch) or (
-        state["batch"] > t.iters_per_epoch
-    ):
-        had = f"{per_epoch} batches per epoch" if per_epoch else f"{state['batch']}+ batches"
-        raise DynconvertError(
-            f"resume: {path} ran {had}, this data gives {t.iters_per_epoch}; resume on the "
-            "same data"
-        )
+    per_epoch = done // state["epoch"] if state["epoch"] else t.iters_per_epoch
+    if per_epoch == t.iters_per_epoch and state["batch"] <= t.iters_per_epoch:
+        return False
+    earlier_count = math.ceil(len(t.sampler) / t.opts.batch_size)
+    if per_epoch == earlier_count and state["batch"] < t.iters_per_epoch:
+        return True
+    raise DynconvertError(
+        f"resume: {path} ran {per_epoch} batches per epoch, this data gives "
+        f"{t.iters_per_epoch}; resume on the same data"
+    )
 
 
 def _few(names: list[str]) -> str:
@@ -145,6 +162,15 @@ def _continue_temperature_schedule(t: Trainer, path: str | Path, saved: dict[str
         )
 
 
+def _restart_schedule_at(t: Trainer, iteration: int) -> None:
+    """Move the position and the lr schedule to ``iteration`` of this run's count."""
+    t.iteration = iteration
+    t.scheduler.last_epoch = iteration - 1
+    with warnings.catch_warnings():  # "step() before optimizer.step()": no step is skipped
+        warnings.simplefilter("ignore", UserWarning)
+        t.scheduler.step()  # sets the lr of the rescaled iteration
+
+
 def _continue_with_other_world(t: Trainer, path: str | Path, saved_world: int) -> None:
     """Go on from an end-of-epoch checkpoint with another number of processes: the epoch's
     iterations are counted anew (the schedules follow) and each rank is reseeded, since the
@@ -155,11 +181,7 @@ def _continue_with_other_world(t: Trainer, path: str | Path, saved_world: int) -
         "reseeded: the result will differ from an uninterrupted run",
         stacklevel=4,
     )
-    t.iteration = t.epoch * t.iters_per_epoch
-    t.scheduler.last_epoch = t.iteration - 1
-    with warnings.catch_warnings():  # "step() before optimizer.step()": no step is skipped
-        warnings.simplefilter("ignore", UserWarning)
-        t.scheduler.step()  # sets the lr of the rescaled iteration
+    _restart_schedule_at(t, t.epoch * t.iters_per_epoch)
     ckpt.seed_everything(t.opts.seed + saved_world * (t.epoch + 1), rank=t.ctx.rank)
 
 
