@@ -27,6 +27,8 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     tensor counts)."""
     formats = {4: torch.channels_last, 5: torch.channels_last_3d}
     last = formats.get(x.dim())
-    if last is not None and _strides_like_channels_last(x):
+    if last is None or (x.is_contiguous() and x.stride(1) != 1):  # plain NCHW: the usual case
+        return torch.contiguous_format
+    if _strides_like_channels_last(x):
         return last
     return torch.contiguous_format
