@@ -20,7 +20,7 @@ from torch import nn
 from .attention import KernelAttention
 from .layout import output_memory_format
 from .padding import ResolvedPadding, ntuple, resolve_padding
-from .strategies import STRATEGIES, mix_kernels, run_strategy
+from .strategies import STRATEGIES, graph_capture, mix_kernels, run_strategy
 
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -324,7 +324,8 @@ class DynamicConvNd(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         unbatched = self._check_input(input)
         x = input.unsqueeze(0) if unbatched else input
-        if x.shape[0] == 0:
+        # (not while a graph is recorded: the branch would be baked in; static handles 0)
+        if not graph_capture() and x.shape[0] == 0:
             out = self._empty_output(self.pad_input(x))
         else:
             attn = self.attention(x)

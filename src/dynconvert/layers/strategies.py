@@ -195,7 +195,7 @@ STRATEGIES: dict[str, Strategy] = {
 }
 
 
-def _graph_capture() -> bool:
+def graph_capture() -> bool:
     """True while torch.jit.trace or torch.export records the graph."""
     return torch.jit.is_tracing() or torch.compiler.is_exporting()
 
@@ -210,7 +210,7 @@ def select_strategy(layer: DynamicConvNd, x: torch.Tensor) -> str:
     if layer.strategy != "auto":
         return layer.strategy
     # A branch on the batch size would bake the export batch into the graph.
-    if _graph_capture():
+    if graph_capture():
         return "static"
     return autotune.choose(layer, x, STRATEGIES)
 
@@ -231,7 +231,7 @@ def run_strategy(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> t
         records
         and lean_backward_enabled()
         and name != "static"
-        and not _graph_capture()
+        and not graph_capture()
         and not torch.compiler.is_compiling()
         and not func_transforms_active()  # torch.func differentiates the strategy itself
     )
