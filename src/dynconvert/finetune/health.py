@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import DynconvertError
 from ..layers import DynamicConvNd
 
 UNUSED_FRACTION = 0.1  # a kernel below 10% of the uniform share 1/K counts as unused
@@ -101,3 +102,18 @@ def first_non_finite(model: nn.Module) -> str | None:
     if bool(finite.all()):
         return None
     return named[int((~finite).nonzero()[0])][0]
+
+
+def non_finite_error(
+    what: str, epoch: int, iteration: int, last_checkpoint: str | None
+) -> DynconvertError:
+    """The one line that stops a run whose loss or weights went non-finite."""
+    kept = (
+        f"last good checkpoint kept: {last_checkpoint}"
+        if last_checkpoint
+        else "no checkpoint was written"
+    )
+    return DynconvertError(
+        f"{what} at epoch {epoch + 1}, iteration {iteration}; stopped ({kept}). "
+        "Lower the lr or set clip_grad_norm"
+    )

@@ -19,7 +19,13 @@ from . import checkpoint as ckpt
 from . import precision
 from .data import iterations_per_epoch, prepare_data
 from .distributed import init_distributed, wrap_ddp
-from .health import AttentionMonitor, first_non_finite, mean_entropy, unused_warnings
+from .health import (
+    AttentionMonitor,
+    first_non_finite,
+    mean_entropy,
+    non_finite_error,
+    unused_warnings,
+)
 from .losses import (
     kernel_difference_penalty,
     make_mixup,
@@ -140,15 +146,7 @@ class Trainer:
     # -- state (see resume.py) ---------------------------------------------------------
 
     def _stop_non_finite(self, what: str) -> None:
-        kept = (
-            f"last good checkpoint kept: {self.last_checkpoint}"
-            if self.last_checkpoint
-            else "no checkpoint was written"
-        )
-        raise DynconvertError(
-            f"{what} at epoch {self.epoch + 1}, iteration {self.iteration}; stopped ({kept}). "
-            "Lower the lr or set clip_grad_norm"
-        )
+        raise non_finite_error(what, self.epoch, self.iteration, self.last_checkpoint)
 
     def _check_finite_weights(self) -> None:
         """A step with a finite loss can still write non-finite weights (an overflowing
