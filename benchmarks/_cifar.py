@@ -83,11 +83,13 @@ class CifarTensors(Dataset):
 @torch.no_grad()
 def correct_count(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
     model.eval()
+    device = next(model.parameters()).device  # fine-tuning on CUDA leaves the model there
     data = CifarTensors(images, labels, augment=False)
     correct = 0
     for start in range(0, len(labels), 500):
         batch = torch.stack([data[i][0] for i in range(start, min(start + 500, len(labels)))])
-        correct += (model(batch).argmax(1) == labels[start : start + 500]).sum().item()
+        predicted = model(batch.to(device)).argmax(1).cpu()
+        correct += (predicted == labels[start : start + 500]).sum().item()
     return correct
 
 
@@ -144,7 +146,7 @@ def count_macs(model: nn.Module) -> int:
             handles.append(module.register_forward_hook(linear_hook))
     was_training = model.training
     with torch.no_grad():
-        model.eval()(torch.zeros(1, 3, 32, 32))
+        model.eval()(torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device))
     model.train(was_training)
     for handle in handles:
         handle.remove()

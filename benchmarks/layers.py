@@ -17,6 +17,10 @@ counts the cells where auto is more than 10% slower than that (the goal of issue
     python benchmarks/layers.py --quick               # a few cells, 3 rounds
     python benchmarks/layers.py --cells s4_3x3 --batch 8 --mode eval --rounds 5
     python benchmarks/layers.py --cells dw3x3 mbv2_block --batch 1 --rounds 1   # smoke
+    python benchmarks/layers.py --device cuda --channels-last --amp bf16   # the GPU table
+
+On CUDA every timed sample ends with ``torch.cuda.synchronize``; ``packed`` (oneDNN's
+blocked layout) is CPU-only and left out there.
 
 Writes ``--out`` (Markdown) and the same path with ``.json``.
 """
@@ -41,7 +45,15 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from _reference import BatchFoldedConv2d, TimmCondConv, swap_convs
 
-from dynconvert.benchmark import interleaved_times, medians, write_results
+from dynconvert.benchmark import (
+    autocast,
+    cuda_sync,
+    device_name,
+    interleaved_times,
+    medians,
+    write_results,
+)
+from dynconvert.finetune.models import to_channels_last
 from dynconvert.layers import STRATEGIES, DynamicConv2d, autotune, select_strategy
 from dynconvert.layers.lean_backward import lean_backward_enabled, set_lean_backward
 
@@ -74,6 +86,9 @@ for stage, (width, size) in enumerate([(64, 56), (128, 28), (256, 14), (512, 7)]
 CELLS["dw3x3"] = (lambda: _conv(192, 192, 3, groups=192), (192, 28, 28))
 CELLS["mbv2_block"] = (_inverted_residual, (32, 28, 28))
 
+CPU = torch.device("cpu")
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 #: auto counts as too slow in a cell when its time exceeds the best forced strategy's by this.
 AUTO_TOLERANCE = 1.10
 
@@ -102,7 +117,9 @@ def _swapped(module: nn.Module, factory) -> nn.Module:
     return swap_convs(copy.deepcopy(module), factory)
 
 
-def candidates(static: nn.Module, batch: int, k: int, train: bool) -> dict[str, nn.Module]:
+def candidates(
+    static: nn.Module, batch: int, k: int, train: bool, device: torch.device
+) -> dict[str, nn.Module]:
     dyn = dynamicize(static, "auto", k)
     models = {
         "static": static,
@@ -110,30 +127,36 @@ def candidates(static: nn.Module, batch: int, k: int, train: bool) -> dict[str, 
         "timm": _swapped(dyn, TimmCondConv),
     }
     for name in STRATEGIES:
-        if (name == "dense" and batch != 1) or (name == "packed" and train):
-            continue  # dense: batch 1 only; packed: inference only (trains as loop)
+        if (name == "dense" and batch != 1) or (
+            name == "packed" and (train or device.type != "cpu")
+        ):
+            continue  # dense: batch 1 only; packed: CPU inference only (else runs as loop)
         forced = copy.deepcopy(dyn)
         for m in forced.modules():
             if isinstance(m, DynamicConv2d):
                 m.strategy = name
         models[f"dc:{name}"] = forced
     models["dc:auto"] = dyn
-    return models
+    return {name: m.to(device) for name, m in models.items()}
 
 
-def _step(model: nn.Module, x: torch.Tensor, train: bool) -> Callable[[], object]:
+def _step(
+    model: nn.Module, x: torch.Tensor, train: bool, amp: torch.dtype | None = None
+) -> Callable[[], object]:
     if not train:
 
         def run() -> object:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(x.device, amp):
                 return model(x)
 
         return run
     xg = x.clone().requires_grad_()
-    grad = torch.randn_like(model(x))
+    with autocast(x.device, amp):
+        grad = torch.randn_like(model(x))
 
     def run() -> object:
-        out = model(xg)
+        with autocast(x.device, amp):
+            out = model(xg)
         out.backward(grad)
         model.zero_grad(set_to_none=True)
         xg.grad = None
@@ -142,7 +165,9 @@ def _step(model: nn.Module, x: torch.Tensor, train: bool) -> Callable[[], object
     return run
 
 
-def auto_choice(model: nn.Module, x: torch.Tensor, train: bool) -> str:
+def auto_choice(
+    model: nn.Module, x: torch.Tensor, train: bool, amp: torch.dtype | None = None
+) -> str:
     """The strategies the auto layers picked, in module order (after warm-up).
 
     Asked in the cell's mode: training (autograd records) has its own autotune entries.
@@ -156,7 +181,7 @@ def auto_choice(model: nn.Module, x: torch.Tensor, train: bool) -> str:
                 picks.append(select_strategy(mod, args[0]))
 
             hook_handles.append(m.register_forward_pre_hook(hook))
-    with torch.set_grad_enabled(train):
+    with torch.set_grad_enabled(train), autocast(x.device, amp):
         model(x)
     for h in hook_handles:
         h.remove()
@@ -188,30 +213,39 @@ def run_cell(
     k: int,
     stat: str = "median",
     min_sample_ms: float = 10.0,
+    device: torch.device = CPU,
+    amp: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> dict:
     factory, shape = CELLS[name]
     torch.manual_seed(0)
     static = factory().train(mode == "train")
-    models = candidates(static, batch, k, mode == "train")
+    models = candidates(static, batch, k, mode == "train", device)
     for m in models.values():
         m.train(mode == "train")
-    x = torch.randn(batch, *shape)
-    steps = {label: _step(m, x, mode == "train") for label, m in models.items()}
+    x = torch.randn(batch, *shape).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        for m in models.values():
+            to_channels_last(m)  # the references' 5-D kernels refuse Module.to's conversion
+    steps = {label: _step(m, x, mode == "train", amp) for label, m in models.items()}
+    sync = cuda_sync(device)
     # Two warm-up passes (autotune, oneDNN primitives, glibc's mmap threshold; see
     # autotune.measure), then every sample repeats each call enough times to last about
     # min_sample_ms: one sub-millisecond call is mostly timer and scheduler noise.
     interleaved_times(steps, rounds=0, warmup=2)
-    probe = interleaved_times({"static": steps["static"]}, rounds=3, warmup=0)["static"]
+    probe = interleaved_times({"static": steps["static"]}, rounds=3, warmup=0, sync=sync)
+    probe = probe["static"]
     repeats = max(1, min(200, math.ceil(min_sample_ms / 1e3 / min(probe))))
     faults: dict[str, list[int]] = {label: [] for label in steps}
     repeated = {label: _repeat(step, repeats, faults[label]) for label, step in steps.items()}
-    samples = interleaved_times(repeated, rounds=rounds, warmup=0)
+    samples = interleaved_times(repeated, rounds=rounds, warmup=0, sync=sync)
     samples = {label: [t / repeats for t in ts] for label, ts in samples.items()}
     times = medians(samples) if stat == "median" else {n: min(v) for n, v in samples.items()}
     base = times["static"]
     forced = {n: t for n, t in times.items() if n.startswith("dc:") and n != "dc:auto"}
     best = min(forced, key=forced.__getitem__)
-    choice = auto_choice(models["dc:auto"], x, mode == "train")
+    choice = auto_choice(models["dc:auto"], x, mode == "train", amp)
     own = f"dc:{choice}" if f"dc:{choice}" in times else None  # one strategy for every layer
     return {
         "cell": name,
@@ -297,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         help="repeat each call within a sample until the static one would take this long",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    parser.add_argument("--amp", choices=sorted(AMP), default=None, help="autocast dtype")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="channels_last inputs and weights"
+    )
     parser.add_argument(
         "--lean-backward", choices=["on", "off"], default=None,
         help="dynconvert's memory-lean backward (default: DYNCONVERT_LEAN_BACKWARD, else on)",
@@ -310,18 +349,25 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.lean_backward:
         set_lean_backward(args.lean_backward == "on")
+    device = torch.device(args.device)
     results = []
     started = time.time()
     for mode in args.mode:
         for batch in args.batch:
             for cell in args.cells:
-                r = run_cell(cell, batch, mode, args.rounds, args.k, args.stat, args.min_sample_ms)
+                r = run_cell(
+                    cell, batch, mode, args.rounds, args.k, args.stat, args.min_sample_ms,
+                    device, AMP.get(args.amp), args.channels_last,
+                )  # fmt: skip
                 results.append(r)
                 ratios = " ".join(f"{n}={v:.2f}" for n, v in r["ratios"].items())
                 print(f"{cell:12s} B={batch:<3d} {mode:5s} auto/best={r['auto_vs_best']:.2f} "
                       f"({r['auto_choice']}) {ratios}", flush=True)  # fmt: skip
     meta = {
         "machine": platform.processor() or platform.machine(),
+        "device": device_name(device),
+        "amp": args.amp,
+        "channels_last": args.channels_last,
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -14,6 +14,10 @@ stem dynamic, K=4:
     python benchmarks/models.py --quick                  # resnet50, 3 rounds, batch 1/8/32
     python benchmarks/models.py --models resnet50 --no-train --rounds 5
     python benchmarks/models.py --models efficientnet_b0 --quick --input-size 3 96 96  # smoke
+    python benchmarks/models.py --device cuda --channels-last --amp bf16   # the GPU table
+
+On CUDA, timings synchronise after every call and the peak memory of a step is
+``torch.cuda.max_memory_allocated`` above what was allocated before it.
 
 Depthwise convs are dynamic too (the batch-folded reference runs them as ``groups = B·C``);
 timm's ``BatchNormAct2d`` stays as it is. ``efficientnet_b0`` and ``mobilenetv2_100`` use
@@ -41,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _reference import BatchFoldedConv2d, swap_convs
 
 from dynconvert.benchmark import (
+    cuda_sync,
+    device_name,
     eval_call,
     input_for,
     interleaved_times,
@@ -50,39 +56,53 @@ from dynconvert.benchmark import (
     train_step,
     write_results,
 )
+from dynconvert.finetune.models import to_channels_last
 from dynconvert.layers.autotune import autotune_enabled
 from dynconvert.layers.lean_backward import lean_backward_enabled, set_lean_backward
 
 MODELS = ["resnet50", "mobilenetv2_100", "efficientnet_b0"]
 VARIANTS = ["static", "batch-folded", "dynconvert"]
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_variants(name: str, k: int) -> tuple[dict[str, torch.nn.Module], float]:
-    static, dynamic, seconds = load_pair(name, k)
+def build_variants(
+    name: str, k: int, device: str = "cpu", channels_last: bool = False
+) -> tuple[dict[str, torch.nn.Module], float]:
+    static, dynamic, seconds = load_pair(name, k)  # converted on CPU: the time users see
     folded = swap_convs(copy.deepcopy(dynamic), BatchFoldedConv2d)
-    return {"static": static, "batch-folded": folded, "dynconvert": dynamic}, seconds
+    models = {"static": static, "batch-folded": folded, "dynconvert": dynamic}
+    models = {v: m.to(device) for v, m in models.items()}
+    if channels_last:  # the reference's 5-D kernels refuse Module.to's conversion
+        models = {v: to_channels_last(m) for v, m in models.items()}
+    return models, seconds
 
 
-def memory_child(name: str, variant: str, batch: int, k: int, input_size=None) -> None:
-    models, _ = build_variants(name, k)
+def example(model: torch.nn.Module, batch: int, args: argparse.Namespace) -> torch.Tensor:
+    x = input_for(model, batch, args.input_size)
+    return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+
+
+def memory_child(name: str, variant: str, batch: int, args: argparse.Namespace) -> None:
+    models, _ = build_variants(name, args.k, args.device, args.channels_last)
     model = models.pop(variant)
     del models
-    x = input_for(model, batch, input_size)
-    step = train_step(model, x)
+    x = example(model, batch, args)
+    step = train_step(model, x, amp=AMP.get(args.amp))
     step()  # warm-up: autotune and lazily created state
     peak = peak_memory_of(step, x.device)
     print(json.dumps({"peak_bytes": peak, "lean_backward": lean_backward_enabled()}))
 
 
 def measure_model(name: str, args: argparse.Namespace) -> dict:
-    models, convert_s = build_variants(name, args.k)
+    models, convert_s = build_variants(name, args.k, args.device, args.channels_last)
     result: dict = {"model": name, "convert_s": convert_s, "eval": {}, "train": None}
+    amp, sync = AMP.get(args.amp), cuda_sync(torch.device(args.device))
     for batch in args.eval_batch:
-        x = input_for(models["static"], batch, args.input_size)
-        calls = {v: eval_call(m, x) for v, m in models.items()}
+        x = example(models["static"], batch, args)
+        calls = {v: eval_call(m, x, amp) for v, m in models.items()}
         for call in calls.values():  # autotune happens here, outside the timed rounds
             call()
-        samples = interleaved_times(calls, rounds=args.rounds, warmup=0)
+        samples = interleaved_times(calls, rounds=args.rounds, warmup=0, sync=sync)
         times = summary(samples, args.stat)
         result["eval"][batch] = {
             "ms": {v: t * 1e3 for v, t in times.items()},
@@ -91,9 +111,9 @@ def measure_model(name: str, args: argparse.Namespace) -> dict:
         print(name, "eval", batch, {v: round(t / times["static"], 2) for v, t in times.items()},
               f"static {times['static'] * 1e3:.0f} ms", flush=True)  # fmt: skip
     if args.train:
-        x = input_for(models["static"], args.train_batch, args.input_size)
-        steps = {v: train_step(m, x) for v, m in models.items()}
-        samples = interleaved_times(steps, rounds=args.train_rounds, warmup=1)
+        x = example(models["static"], args.train_batch, args)
+        steps = {v: train_step(m, x, amp=amp) for v, m in models.items()}
+        samples = interleaved_times(steps, rounds=args.train_rounds, warmup=1, sync=sync)
         times = summary(samples, args.stat)
         print(name, "train", {v: round(t / times["static"], 2) for v, t in times.items()},
               f"static {times['static'] * 1e3:.0f} ms", flush=True)  # fmt: skip
@@ -101,7 +121,9 @@ def measure_model(name: str, args: argparse.Namespace) -> dict:
         if args.memory:
             for v in models:
                 child = [str(Path(__file__)), "--memory-child", name, v, str(args.train_batch)]
-                child += ["--k", str(args.k)]
+                child += ["--k", str(args.k), "--device", args.device]
+                child += ["--channels-last"] if args.channels_last else []
+                child += ["--amp", args.amp] if args.amp else []
                 if args.input_size:
                     child += ["--input-size", *map(str, args.input_size)]
                 measured = run_isolated_script(child)
@@ -189,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true",
         help="3 rounds, 2 train rounds; resnet50 unless --models names others",
     )  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    parser.add_argument("--amp", choices=sorted(AMP), default=None, help="autocast dtype")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="channels_last inputs and weights"
+    )
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "VARIANT", "BATCH"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/models.md"))
     args = parser.parse_args(argv)
@@ -198,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         set_lean_backward(args.lean_backward == "on")
     if args.memory_child:
         name, variant, batch = args.memory_child
-        memory_child(name, variant, int(batch), args.k, args.input_size)
+        memory_child(name, variant, int(batch), args)
         return 0
     if args.quick:
         args.rounds, args.train_rounds = 3, 2
@@ -209,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     results = [measure_model(name, args) for name in args.models]
     meta = {
         "machine": platform.processor() or platform.machine(),
+        "device": device_name(torch.device(args.device)),
+        "amp": args.amp,
+        "channels_last": args.channels_last,
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -66,6 +66,23 @@ def interleaved_times(
     return times
 
 
+def device_name(device: torch.device) -> str:
+    """``'cpu'``, or the GPU's own name (``'NVIDIA H200'``): a table says what it ran on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def cuda_sync(device: torch.device) -> Callable[[], None] | None:
+    """What :func:`interleaved_times` needs to time work queued on ``device``, if anything."""
+    return torch.cuda.synchronize if device.type == "cuda" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``, or nothing for ``None``."""
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
 def medians(times: Mapping[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -165,18 +182,25 @@ def set_strategy(model: torch.nn.Module, strategy: str) -> None:
             m.strategy = strategy
 
 
-def eval_call(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+def eval_call(
+    model: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | None = None
+) -> Callable[[], object]:
     model.eval()
 
     def run() -> object:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(x.device, amp):
             return model(x)
 
     return run
 
 
-def train_step(model: torch.nn.Module, x: torch.Tensor, lr: float = 1e-3) -> Callable[[], object]:
-    """One forward + backward + SGD step (no momentum: no optimizer state to allocate)."""
+def train_step(
+    model: torch.nn.Module, x: torch.Tensor, lr: float = 1e-3, amp: torch.dtype | None = None
+) -> Callable[[], object]:
+    """One forward + backward + SGD step (no momentum: no optimizer state to allocate).
+
+    ``amp``: the forward and loss under autocast, backward outside it (no loss scaling).
+    """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr)
@@ -184,14 +208,15 @@ def train_step(model: torch.nn.Module, x: torch.Tensor, lr: float = 1e-3) -> Cal
 
     def run() -> object:
         opt.zero_grad(set_to_none=True)
-        out = model(x)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        if out.dim() == 2:
-            target = torch.randint(out.shape[1], (out.shape[0],), generator=gen).to(out.device)
-            loss = torch.nn.functional.cross_entropy(out, target)
-        else:
-            loss = out.float().square().mean()
+        with autocast(x.device, amp):
+            out = model(x)
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            if out.dim() == 2:
+                target = torch.randint(out.shape[1], (out.shape[0],), generator=gen)
+                loss = torch.nn.functional.cross_entropy(out, target.to(out.device))
+            else:
+                loss = out.float().square().mean()
         loss.backward()
         opt.step()
         return None

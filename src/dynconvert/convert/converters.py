@@ -41,10 +41,18 @@ def seed_router(layer: DynamicConvNd, generator: torch.Generator | None) -> None
     depend on ``ConvertConfig.seed`` only. The logit layer stays zero (uniform attention).
     """
     fc1 = layer.attention.fc1
-    nn.init.kaiming_uniform_(fc1.weight, a=math.sqrt(5), generator=generator)
+    if fc1.weight.is_meta:
+        return  # nothing to draw into; the real weights come with load_state_dict
+    # Drawn on the generator's device (CPU) and copied: a CPU generator cannot fill a CUDA
+    # tensor, and the same seed then gives the same router on every device.
+    where = generator.device if generator is not None else torch.device("cpu")
+    weight = torch.empty(fc1.weight.shape, dtype=fc1.weight.dtype, device=where)
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+    fc1.weight.copy_(weight)
     if fc1.bias is not None:
         bound = 1 / math.sqrt(fc1.in_features)
-        nn.init.uniform_(fc1.bias, -bound, bound, generator=generator)
+        bias = torch.empty(fc1.bias.shape, dtype=fc1.bias.dtype, device=where)
+        fc1.bias.copy_(nn.init.uniform_(bias, -bound, bound, generator=generator))
 
 
 def _from_conv(layer_type: type[DynamicConvNd]) -> Converter:

@@ -265,7 +265,11 @@ def eligible(layer: DynamicConvNd, x: torch.Tensor, strategies: Mapping[str, Str
 
     batch = x.shape[0]
     small_map = math.prod(output_size(layer, tuple(x.shape[2:]))) <= STATIC_MAX_OUTPUTS
-    static_worth_it = batch >= 2 * layer.k and small_map
+    # On CUDA a layer this size is launch-bound and K convs cost about one: in the H200 table
+    # (docs/performance.md) `static` was the fastest eval strategy on 56x56 maps it was
+    # never timed on. Training keeps the rule: its K-times output is saved for backward.
+    on_gpu_eval = x.device.type == "cuda" and not training_mode(layer, x)
+    static_worth_it = on_gpu_eval or (batch >= 2 * layer.k and small_map)
     return {
         name: fn
         for name, fn in strategies.items()

@@ -178,10 +178,14 @@ def _static(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> torch.
     y = layer.conv_fn(x, stacked, None, layer.stride, layer.conv_padding, layer.dilation, groups)
     y = y.unflatten(1, (groups, k, per_group))
     spatial_ones = (1,) * (y.dim() - 4)
-    y = (y * attn.view(-1, 1, k, 1, *spatial_ones)).sum(dim=2).flatten(1, 2)
+    # Under CUDA autocast the conv gives bf16/fp16 but the router's softmax float32: mixed in
+    # the conv's dtype, the output has the dtype nn.Conv2d and the other strategies give.
+    conv_dtype = y.dtype  # CUDA autocast runs `sum` in float32
+    y = (y * attn.to(y.dtype).view(-1, 1, k, 1, *spatial_ones)).sum(dim=2).flatten(1, 2)
+    y = y.to(conv_dtype)
     bias = mix_bias(layer.bias, attn)
     if bias is not None:
-        y = y + bias.view(*bias.shape, *spatial_ones)
+        y = y + bias.to(y.dtype).view(*bias.shape, *spatial_ones)
     return y
 
 
