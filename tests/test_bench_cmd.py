@@ -35,6 +35,112 @@ def test_bench_rejects_bad_batch_size():
     assert main(["bench", "test_resnet", "--batch-size", "0"]) == 2
 
 
+def test_bench_device_cpu_amp_bf16_end_to_end_with_memory(tmp_path, capsys, monkeypatch):
+    """--device/--amp reach the timed passes, the step and the fresh memory processes."""
+    from dynconvert import benchmark
+
+    monkeypatch.setattr(autotune, "_enabled", False)
+    monkeypatch.setenv("DYNCONVERT_AUTOTUNE", "0")  # and in the memory children
+    seen = []
+    for name in ("eval_call", "train_step"):
+        real = getattr(benchmark, name)
+
+        def spy(model, x, *args, _real=real, _name=name, **kwargs):
+            seen.append((_name, x.device.type, kwargs.get("amp", args[0] if args else None)))
+            return _real(model, x, *args, **kwargs)
+
+        monkeypatch.setattr(benchmark, name, spy)
+    out = tmp_path / "bench.json"
+    args = ["bench", "test_resnet", "-b", "2", "--input-size", "3,32,32", "--rounds", "1"]
+    assert main([*args, "--device", "cpu", "--amp", "bf16", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["amp"] == "bf16"
+    assert set(result["peak_bytes"]) == {"static", "dynamic"}  # the children ran, with bf16
+    assert all(isinstance(v, int) and v >= 0 for v in result["peak_bytes"].values())
+    want = [("eval_call", "cpu", torch.bfloat16)] * 2 + [("train_step", "cpu", torch.bfloat16)] * 2
+    assert sorted(seen, key=str) == want
+    title = " ".join(capsys.readouterr().out.split())  # rich may wrap the title
+    assert "test_resnet on cpu, bf16 autocast: batch 2" in title
+
+
+@pytest.mark.parametrize(
+    ("device", "named"),
+    [
+        ("gpu", "'gpu' is not a device"),
+        ("cuda:x", "'cuda:x' is not a device"),
+        ("meta", "cpu or cuda, not 'meta'"),
+        pytest.param(
+            "cuda",
+            "no CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"),
+        ),
+        ("cuda:99", "cuda"),  # no GPU, or no 100th one
+    ],
+)
+def test_bench_bad_device_is_one_line_before_any_model_is_built(device, named, capsys, monkeypatch):
+    from dynconvert import benchmark
+    from dynconvert.cli import bench_cmd
+
+    built = []
+    monkeypatch.setattr(bench_cmd, "_load_pair", lambda *a: built.append(a))
+    monkeypatch.setattr(benchmark, "load_pair", lambda *a, **k: built.append(a))
+    assert main(["bench", "test_resnet", "--device", device]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --device: ") and named in err[0], err
+    assert built == []
+
+
+def test_bench_unsupported_amp_is_one_line_before_any_model_is_built(capsys, monkeypatch):
+    from dynconvert.cli import bench_cmd
+    from dynconvert.finetune import precision
+
+    built = []
+    monkeypatch.setattr(bench_cmd, "_load_pair", lambda *a: built.append(a))
+    monkeypatch.setattr(precision, "autocast_supported", lambda device, dtype: False)
+    assert main(["bench", "test_resnet", "--amp", "fp16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--amp: fp16 autocast is not supported on cpu" in err[0], err
+    assert built == []
+
+
+@pytest.mark.parametrize("input_size", [(3, 24, 24), None])
+def test_step_peak_memory_passes_device_and_amp_to_the_memory_child(
+    input_size, capsys, monkeypatch
+):
+    """The argv of ``step_peak_memory`` read back by ``_memory_child``: device, amp, --model
+    and the optional trailing C H W land where they belong."""
+    from dynconvert import benchmark
+
+    sent = []
+    monkeypatch.setattr(
+        benchmark, "run_isolated", lambda module, args: sent.append(args) or {"peak_bytes": 7}
+    )
+    args = ("test_resnet", "dynconvert", 1, 2, input_size, "auto", None, "cpu", "bf16")
+    assert benchmark.step_peak_memory(*args) == 7
+    seen = {}
+
+    def step(model, x, amp=None):
+        dynamic = any(isinstance(m, DynamicConv2d) for m in model.modules())
+        seen.update(amp=amp, shape=tuple(x.shape), x=x.device, dynamic=dynamic)
+        seen["model"] = next(model.parameters()).device
+        return lambda: None
+
+    def peak(step, device):
+        seen["peak_on"] = device
+        return 5
+
+    monkeypatch.setattr(benchmark, "train_step", step)
+    monkeypatch.setattr(benchmark, "peak_memory_of", peak)
+    benchmark._memory_child(sent[0])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["device"] == "cpu" and printed["amp"] == "bf16" and printed["peak_bytes"] == 5
+    assert seen["amp"] is torch.bfloat16 and seen["dynamic"]
+    assert seen["x"].type == seen["model"].type == seen["peak_on"].type == "cpu"
+    assert seen["shape"][0] == 1 and (input_size is None or seen["shape"][1:] == input_size)
+    benchmark.step_peak_memory("test_resnet", "static", 1, 2, input_size)  # the defaults
+    assert sent[1][5:7] == ["cpu", "-"]
+
+
 def test_static_twin_computes_the_uniform_router_function():
     layer = DynamicConv2d(4, 6, 3, padding=1, k=3)
     twin = static_twin(torch.nn.Sequential(layer))[0]

@@ -234,22 +234,30 @@ def input_for(model: torch.nn.Module, batch: int, input_size=None) -> torch.Tens
 
 
 def _memory_child(argv: list[str]) -> None:
-    """``python -m dynconvert.benchmark SPEC VARIANT BATCH K STRATEGY ARCH [C H W]``: print
-    the step's peak (``ARCH``: a ``package.module:function`` or ``-``)."""
-    spec, variant, batch, k, strategy, arch, *size = argv
+    """``python -m dynconvert.benchmark SPEC VARIANT BATCH K STRATEGY DEVICE AMP ARCH [C H W]``:
+    print the step's peak on ``DEVICE`` (``AMP``: ``bf16``, ``fp16`` or ``-`` for none;
+    ``ARCH``: a ``package.module:function`` or ``-``). The model is built on CPU, then moved."""
+    spec, variant, batch, k, strategy, device_arg, amp, arch, *size = argv
+    from .finetune.precision import AMP_DTYPES
+
+    device = torch.device(device_arg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the allocator statistics are the current device's
     architecture = None
     if arch != "-":
         from .finetune.models import load_user_model
 
         architecture = load_user_model(arch)
     static, dynamic, _ = load_pair(spec, int(k), strategy, architecture)
-    model = static if variant == "static" else dynamic
+    model = (static if variant == "static" else dynamic).to(device)
     del static, dynamic
     x = input_for(model, int(batch), tuple(int(s) for s in size) or None)
-    step = train_step(model, x)
+    step = train_step(model, x, amp=AMP_DTYPES.get(amp))
     step()  # warm-up: autotune, lazily built state
     peak = peak_memory_of(step, x.device)
-    print(json.dumps({"spec": spec, "variant": variant, "batch": int(batch), "peak_bytes": peak}))
+    amp = None if amp == "-" else amp
+    result = {"spec": spec, "variant": variant, "batch": int(batch), "device": str(device)}
+    print(json.dumps({**result, "amp": amp, "peak_bytes": peak}))
 
 
 def step_peak_memory(
@@ -260,13 +268,17 @@ def step_peak_memory(
     input_size=None,
     strategy: str = "auto",
     architecture: str | None = None,
+    device: str = "cpu",
+    amp: str | None = None,
 ) -> int:
     """Peak memory of one training step of ``variant`` ('static' or 'dynconvert'), isolated.
 
-    ``architecture``: the ``package.module:function`` that builds a saved custom model.
+    ``architecture``: the ``package.module:function`` that builds a saved custom model;
+    ``device``: where the step runs (``'cpu'``, ``'cuda:1'``...); ``amp``: ``'bf16'``,
+    ``'fp16'`` or None, the autocast dtype of the step.
     """
-    args = [spec, variant, str(batch), str(k), strategy, architecture or "-"]
-    args += [str(s) for s in (input_size or ())]
+    args = [spec, variant, str(batch), str(k), strategy, str(device), amp or "-"]
+    args += [architecture or "-", *(str(s) for s in (input_size or ()))]
     return run_isolated("dynconvert.benchmark", args)["peak_bytes"]
 
 

@@ -6,7 +6,9 @@ by a plain conv of the same shape, is the baseline). Static and dynamic are time
 round-robin (median of ``--rounds``): eval latency at ``--batch-size``, one training step
 (forward + backward + SGD) and, each in a fresh process, that step's peak memory. A file
 that holds a custom (non-timm) model needs ``--model package.module:function``, which the
-fresh processes import too.
+fresh processes import too. ``--device`` (default ``cpu``) is where all of it runs: the models
+are built and converted on CPU, then moved; ``--amp bf16|fp16`` autocasts the timed passes and
+the step.
 """
 
 from __future__ import annotations
@@ -17,13 +19,55 @@ from pathlib import Path
 
 import click
 
-from ..errors import DynconvertError
+from ..errors import DynconvertError, first_line
 from ..layers import STRATEGIES
 from .params import architecture_option, sample_shape
 
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
+
+
+def _device(name: str, amp: str | None):
+    """The torch.device of ``--device``, checked with ``--amp`` before any model is built."""
+    import torch
+
+    from ..finetune.distributed import resolve_device
+    from ..finetune.precision import AMP_DTYPES, autocast_supported
+
+    try:
+        device = resolve_device(name)
+    except DynconvertError as exc:
+        raise DynconvertError(f"--{exc}", usage=True) from None
+    if device.type not in ("cpu", "cuda"):
+        raise DynconvertError(f"--device: bench runs on cpu or cuda, not {name!r}", usage=True)
+    if device.type == "cuda" and device.index >= (count := torch.cuda.device_count()):
+        raise DynconvertError(f"--device: no {name} here, {count} CUDA device(s)", usage=True)
+    if amp is not None and not autocast_supported(device, AMP_DTYPES[amp]):
+        other = "bf16" if amp == "fp16" else "fp16"
+        raise DynconvertError(
+            f"--amp: {amp} autocast is not supported on {device} by torch {torch.__version__}; "
+            f"use --amp {other}, a CUDA device or no --amp",
+            usage=True,
+        )
+    return device
+
+
+def _first_calls(calls: dict, amp: str | None, device) -> None:
+    """One call of each (autotune measures here, outside the timed rounds); under ``--amp`` a
+    failure is torch refusing an op in that dtype there, said in one line."""
+    import torch
+
+    for call in calls.values():
+        try:
+            call()
+        except RuntimeError as exc:
+            if amp is None or isinstance(exc, torch.cuda.OutOfMemoryError):
+                raise
+            raise DynconvertError(
+                f"--amp {amp}: the model does not run under {amp} autocast on {device} "
+                f"({first_line(exc)}); try the other dtype or no --amp"
+            ) from exc
 
 
 def _load_pair(model_spec: str, architecture: str | None, k: int, strategy: str):
@@ -47,20 +91,17 @@ def _load_pair(model_spec: str, architecture: str | None, k: int, strategy: str)
 
 
 def _measure(model_spec, pair, batch, input_size, k, rounds, train, memory, strategy,
-             architecture) -> dict:  # fmt: skip
+             architecture, device, amp) -> dict:  # fmt: skip
     import torch
 
-    from ..benchmark import (
-        eval_call,
-        input_for,
-        interleaved_times,
-        medians,
-        step_peak_memory,
-        train_step,
-    )
+    from .. import benchmark as bm
+    from ..finetune.precision import AMP_DTYPES
 
-    static, dynamic, convert_s = pair
-    x = input_for(static, batch, input_size)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # cuda_sync and the allocator act on the current device
+    static, dynamic, convert_s = (pair[0].to(device), pair[1].to(device), pair[2])
+    dtype, sync = AMP_DTYPES.get(amp), bm.cuda_sync(device)
+    x = bm.input_for(static, batch, input_size)
     try:
         with torch.no_grad():
             static.eval()(x)
@@ -69,21 +110,23 @@ def _measure(model_spec, pair, batch, input_size, k, rounds, train, memory, stra
             f"{model_spec} does not run on input {tuple(x.shape)}: {exc}; pass --input-size C H W",
             usage=True,
         ) from exc
-    result: dict = {"model": model_spec, "batch": batch, "input": list(x.shape[1:])}
-    result["convert_s"] = convert_s
-    calls = {"static": eval_call(static, x), "dynamic": eval_call(dynamic, x)}
-    for call in calls.values():  # autotune measures here, outside the timed rounds
-        call()
-    result["eval_ms"] = {n: t * 1e3 for n, t in medians(interleaved_times(calls, rounds)).items()}
+    result: dict = {"model": model_spec, "device": bm.device_name(device), "amp": amp}
+    result.update(batch=batch, input=list(x.shape[1:]), convert_s=convert_s)
+    models = {"static": static, "dynamic": dynamic}
+    calls = {name: bm.eval_call(model, x, dtype) for name, model in models.items()}
+    _first_calls(calls, amp, device)
+    times = bm.medians(bm.interleaved_times(calls, rounds, sync=sync))
+    result["eval_ms"] = {n: t * 1e3 for n, t in times.items()}
     if train:
-        steps = {"static": train_step(static, x), "dynamic": train_step(dynamic, x)}
-        times = medians(interleaved_times(steps, rounds=max(1, rounds // 2), warmup=1))
+        steps = {name: bm.train_step(model, x, amp=dtype) for name, model in models.items()}
+        _first_calls(steps, amp, device)  # the warm-up step
+        times = bm.medians(bm.interleaved_times(steps, max(1, rounds // 2), warmup=0, sync=sync))
         result["train_ms"] = {n: t * 1e3 for n, t in times.items()}
     if memory and train:
         size = input_size or tuple(x.shape[1:])
         result["peak_bytes"] = {
-            variant: step_peak_memory(
-                model_spec, name, batch, k, size, strategy=strategy, architecture=architecture
+            variant: bm.step_peak_memory(
+                model_spec, name, batch, k, size, strategy, architecture, str(device), amp
             )
             for variant, name in (("static", "static"), ("dynamic", "dynconvert"))
         }
@@ -93,7 +136,9 @@ def _measure(model_spec, pair, batch, input_size, k, rounds, train, memory, stra
 def _table(result: dict):
     from rich.table import Table
 
-    table = Table(title=f"{result['model']}: batch {result['batch']}, input {result['input']}")
+    on = f"{result['device']}, " + (f"{result['amp']} autocast" if result["amp"] else "float32")
+    title = f"{result['model']} on {on}: batch {result['batch']}, input {result['input']}"
+    table = Table(title=title)
     for column in ("measure", "static", "dynamic", "dynamic / static"):
         table.add_column(column, justify="left" if column == "measure" else "right")
     rows = [("eval latency", result["eval_ms"], lambda v: f"{v:.1f} ms")]
@@ -121,6 +166,11 @@ def _table(result: dict):
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--train/--no-train", default=True, help="Also time one training step.")
 @click.option("--memory/--no-memory", default=True, help="Measure the step's peak memory.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where to measure: cpu, cuda, cuda:1... (built and converted on CPU, then "
+              "moved there).")  # fmt: skip
+@click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None,
+              help="Autocast dtype of the timed passes and the step [default: none].")  # fmt: skip
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the figures as JSON.")  # fmt: skip
 @architecture_option
@@ -135,6 +185,8 @@ def bench_command(
     rounds: int,
     train: bool,
     memory: bool,
+    device: str,
+    amp: str | None,
     json_path: Path | None,
     architecture: str | None,
 ) -> None:
@@ -151,6 +203,7 @@ def bench_command(
             "names only",
             usage=True,
         )
+    where = _device(device, amp)  # before the models are built (seconds)
     if json_path is not None:
         # before the measurement, which takes minutes
         check_output_path(json_path, (Path(model) if is_saved_file(model) else None,))
@@ -159,8 +212,9 @@ def bench_command(
     console = Console()
     with console.status("measuring (static and dynamic interleaved)..."):
         result = _measure(
-            model, pair, batch_size, input_size, k, rounds, train, memory, strategy, architecture
-        )
+            model, pair, batch_size, input_size, k, rounds, train, memory, strategy,
+            architecture, where, amp,
+        )  # fmt: skip
     console.print(_table(result))
     if json_path is not None:
         atomic_write_text(json.dumps(result, indent=1), json_path)
