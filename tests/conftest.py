@@ -13,6 +13,19 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def fresh_autotune():
+    """An empty autotune cache with tuning on for every layer size; restored afterwards."""
+    from dynconvert.layers import autotune
+
+    enabled, min_macs = autotune.autotune_enabled(), autotune.MIN_MACS
+    autotune.clear_cache()
+    autotune.set_autotune(True, min_macs=0)
+    yield
+    autotune.set_autotune(enabled, min_macs=min_macs)
+    autotune.clear_cache()
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max |out - ref| / max |ref|, in float64."""
     out, ref = out.detach().double(), ref.detach().double()

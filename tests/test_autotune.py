@@ -18,13 +18,8 @@ EVAL_CANDIDATES = 4 if prepacked.available() else 3
 
 
 @pytest.fixture(autouse=True)
-def fresh_autotune():
-    enabled, min_macs = autotune.autotune_enabled(), autotune.MIN_MACS
-    autotune.clear_cache()
-    autotune.set_autotune(True, min_macs=0)
+def _fresh(fresh_autotune):  # conftest.py
     yield
-    autotune.set_autotune(enabled, min_macs=min_macs)
-    autotune.clear_cache()
 
 
 def _layer(**kw) -> DynamicConv2d:

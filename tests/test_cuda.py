@@ -194,16 +194,6 @@ def test_convert_timm_model_on_cuda_keeps_the_function():
 # -- 5. the autotune cache ------------------------------------------------------------------
 
 
-@pytest.fixture
-def fresh_autotune():
-    enabled, min_macs = autotune.autotune_enabled(), autotune.MIN_MACS
-    autotune.clear_cache()
-    autotune.set_autotune(True, min_macs=0)
-    yield
-    autotune.set_autotune(enabled, min_macs=min_macs)
-    autotune.clear_cache()
-
-
 def test_autotune_measures_once_per_device(fresh_autotune):
     layer = DynamicConv2d(8, 8, 3, padding=1, k=4)
     with torch.no_grad():

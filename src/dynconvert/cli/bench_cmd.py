@@ -33,7 +33,7 @@ def _device(name: str, amp: str | None):
     import torch
 
     from ..finetune.distributed import resolve_device
-    from ..finetune.precision import AMP_DTYPES, autocast_supported
+    from ..finetune.precision import amp_dtype
 
     try:
         device = resolve_device(name)
@@ -43,13 +43,10 @@ def _device(name: str, amp: str | None):
         raise DynconvertError(f"--device: bench runs on cpu or cuda, not {name!r}", usage=True)
     if device.type == "cuda" and device.index >= (count := torch.cuda.device_count()):
         raise DynconvertError(f"--device: no {name} here, {count} CUDA device(s)", usage=True)
-    if amp is not None and not autocast_supported(device, AMP_DTYPES[amp]):
-        other = "bf16" if amp == "fp16" else "fp16"
-        raise DynconvertError(
-            f"--amp: {amp} autocast is not supported on {device} by torch {torch.__version__}; "
-            f"use --amp {other}, a CUDA device or no --amp",
-            usage=True,
-        )
+    try:
+        amp_dtype(amp, device)  # the check fine-tuning makes, with its message
+    except DynconvertError as exc:
+        raise DynconvertError(f"--{exc}", usage=True) from None
     return device
 
 
