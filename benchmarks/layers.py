@@ -54,6 +54,7 @@ from dynconvert.benchmark import (
     write_results,
 )
 from dynconvert.finetune.models import to_channels_last
+from dynconvert.finetune.precision import AMP_DTYPES
 from dynconvert.layers import STRATEGIES, DynamicConv2d, autotune, select_strategy
 from dynconvert.layers.lean_backward import lean_backward_enabled, set_lean_backward
 
@@ -87,7 +88,6 @@ CELLS["dw3x3"] = (lambda: _conv(192, 192, 3, groups=192), (192, 28, 28))
 CELLS["mbv2_block"] = (_inverted_residual, (32, 28, 28))
 
 CPU = torch.device("cpu")
-AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: auto counts as too slow in a cell when its time exceeds the best forced strategy's by this.
 AUTO_TOLERANCE = 1.10
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    parser.add_argument("--amp", choices=sorted(AMP), default=None, help="autocast dtype")
+    parser.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None, help="autocast dtype")
     parser.add_argument(
         "--channels-last", action="store_true", help="channels_last inputs and weights"
     )
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             for cell in args.cells:
                 r = run_cell(
                     cell, batch, mode, args.rounds, args.k, args.stat, args.min_sample_ms,
-                    device, AMP.get(args.amp), args.channels_last,
+                    device, AMP_DTYPES.get(args.amp), args.channels_last,
                 )  # fmt: skip
                 results.append(r)
                 ratios = " ".join(f"{n}={v:.2f}" for n, v in r["ratios"].items())

@@ -57,12 +57,12 @@ from dynconvert.benchmark import (
     write_results,
 )
 from dynconvert.finetune.models import to_channels_last
+from dynconvert.finetune.precision import AMP_DTYPES
 from dynconvert.layers.autotune import autotune_enabled
 from dynconvert.layers.lean_backward import lean_backward_enabled, set_lean_backward
 
 MODELS = ["resnet50", "mobilenetv2_100", "efficientnet_b0"]
 VARIANTS = ["static", "batch-folded", "dynconvert"]
-AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_variants(
@@ -87,7 +87,7 @@ def memory_child(name: str, variant: str, batch: int, args: argparse.Namespace) 
     model = models.pop(variant)
     del models
     x = example(model, batch, args)
-    step = train_step(model, x, amp=AMP.get(args.amp))
+    step = train_step(model, x, amp=AMP_DTYPES.get(args.amp))
     step()  # warm-up: autotune and lazily created state
     peak = peak_memory_of(step, x.device)
     print(json.dumps({"peak_bytes": peak, "lean_backward": lean_backward_enabled()}))
@@ -96,7 +96,7 @@ def memory_child(name: str, variant: str, batch: int, args: argparse.Namespace) 
 def measure_model(name: str, args: argparse.Namespace) -> dict:
     models, convert_s = build_variants(name, args.k, args.device, args.channels_last)
     result: dict = {"model": name, "convert_s": convert_s, "eval": {}, "train": None}
-    amp, sync = AMP.get(args.amp), cuda_sync(torch.device(args.device))
+    amp, sync = AMP_DTYPES.get(args.amp), cuda_sync(torch.device(args.device))
     for batch in args.eval_batch:
         x = example(models["static"], batch, args)
         calls = {v: eval_call(m, x, amp) for v, m in models.items()}
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         help="3 rounds, 2 train rounds; resnet50 unless --models names others",
     )  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    parser.add_argument("--amp", choices=sorted(AMP), default=None, help="autocast dtype")
+    parser.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None, help="autocast dtype")
     parser.add_argument(
         "--channels-last", action="store_true", help="channels_last inputs and weights"
     )

@@ -18,11 +18,12 @@ import torch
 from conftest import rel_err
 from export_models import Mixed, build
 from test_finetune import QUIET, tensor_data, tiny_model
-from test_strategies import GRID, SPATIAL, make_layer, reference, strategies
+from test_strategies import GRID, SPATIAL, check_every_strategy, make_layer, reference, strategies
 from torch import nn
 
 import dynconvert
 from dynconvert import DynamicConv2d, DynamicConvNd
+from dynconvert.finetune.precision import AMP_DTYPES
 from dynconvert.layers import autotune, lean_backward
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -31,7 +32,6 @@ import timm_coverage
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 DEVICE = "cuda"
-AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @pytest.fixture(autouse=True)
@@ -69,26 +69,8 @@ def on_device(module: nn.Module) -> bool:
 def test_every_strategy_matches_float64_forward_and_backward(n, case, batch, lean):
     x = torch.randn(batch, case["in_channels"], *(SPATIAL[n],) * n)
     layer = make_layer(n, case, "auto")
-    ref_layer = copy.deepcopy(layer).double()
-    x64 = x.double().requires_grad_()
-    ref = reference(ref_layer, x64)
-    grad = torch.randn_like(ref)
-    ref.backward(grad)
-    layer.to(DEVICE)
+    check_every_strategy(layer, x, DEVICE)
     assert on_device(layer)
-    for name in strategies(batch):
-        layer.strategy = name
-        layer.zero_grad(set_to_none=True)
-        xg = x.to(DEVICE, copy=True).requires_grad_()
-        out = layer(xg)
-        assert out.device.type == DEVICE and out.shape == ref.shape, name
-        assert err(out, ref) <= 1e-5, name
-        out.backward(grad.float().to(DEVICE))
-        assert err(xg.grad, x64.grad) <= 1e-5, (name, "input")
-        for (pname, p), p64 in zip(layer.named_parameters(), ref_layer.parameters(), strict=True):
-            tol = 1e-4 if pname.startswith("attention") else 1e-5  # softmax Jacobian rounding
-            assert p.grad.device.type == DEVICE, (name, pname)
-            assert err(p.grad, p64.grad) <= tol, (name, pname)
 
 
 # -- 2. channels_last inputs ------------------------------------------------------------------
@@ -133,7 +115,7 @@ def test_channels_last_input_matches_contiguous_and_the_convs_layout(case):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_autocast_forward_and_backward_every_strategy(amp):
-    dtype = AMP[amp]
+    dtype = AMP_DTYPES[amp]
     # bf16 keeps 8 significant bits (unit roundoff 2^-8 = 3.9e-3), fp16 11 (2^-11 = 4.9e-4).
     # Inputs, kernels, router logits and output are each rounded once, errors are measured
     # against max |output| (about 2 roundoffs seen): 8 roundoffs for bf16, 10 for fp16. The
@@ -248,7 +230,8 @@ def test_finetune_with_amp_and_channels_last(amp, monkeypatch):
     assert math.isfinite(result.history[0]["train_loss"])
     # 6 steps through the scaler; it scales only for fp16 (bf16 needs no loss scaling).
     assert RecordingScaler.steps == [amp == "fp16"] * 6
-    assert seen and set(seen) == {(True, AMP[amp])}  # channels_last input, low-precision conv
+    # channels_last input, low-precision conv
+    assert seen and set(seen) == {(True, AMP_DTYPES[amp])}
     state = model.state_dict()
     assert all(t.device.type == DEVICE for t in state.values())
     assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -69,30 +69,37 @@ def strategies(batch: int) -> list[str]:
     return [s for s in STRATEGIES if not (s == "dense" and batch != 1)] + ["auto"]
 
 
-@pytest.mark.parametrize(("n", "case"), GRID)
-@pytest.mark.parametrize("batch", [1, 3])
-def test_forward_and_backward_match_float64(n, case, batch):
-    x = torch.randn(batch, case["in_channels"], *(SPATIAL[n],) * n)
-    layer = make_layer(n, case, "auto")
+def check_every_strategy(layer: DynamicConvNd, x: torch.Tensor, device: str = "cpu") -> None:
+    """Every strategy of ``layer`` on ``device``, forward and backward, against the float64
+    per-sample reference computed on CPU (also used by test_cuda.py)."""
     ref_layer = copy.deepcopy(layer).double()
     x64 = x.double().requires_grad_()
     ref = reference(ref_layer, x64)
     grad = torch.randn_like(ref)
     ref.backward(grad)
-    for name in strategies(batch):
+    layer.to(device)
+    for name in strategies(x.shape[0]):
         layer.strategy = name
         layer.zero_grad(set_to_none=True)
-        xg = x.clone().requires_grad_()
+        xg = x.to(device, copy=True).requires_grad_()
         out = layer(xg)
-        assert out.shape == ref.shape, name
-        assert rel_err(out, ref) <= 1e-5, name
-        out.backward(grad.float())
-        assert rel_err(xg.grad, x64.grad) <= 1e-5, (name, "input")
+        assert out.device.type == device and out.shape == ref.shape, name
+        assert rel_err(out.cpu(), ref) <= 1e-5, name
+        out.backward(grad.float().to(device))
+        assert rel_err(xg.grad.cpu(), x64.grad) <= 1e-5, (name, "input")
         for (pname, p), p64 in zip(layer.named_parameters(), ref_layer.parameters(), strict=True):
             # The router's gradient is a softmax Jacobian product: a difference of nearly
             # equal float32 terms, so it carries a few more ulps of rounding.
             tol = 1e-4 if pname.startswith("attention") else 1e-5
-            assert rel_err(p.grad, p64.grad) <= tol, (name, pname)
+            assert p.grad.device.type == device, (name, pname)
+            assert rel_err(p.grad.cpu(), p64.grad) <= tol, (name, pname)
+
+
+@pytest.mark.parametrize(("n", "case"), GRID)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_forward_and_backward_match_float64(n, case, batch):
+    x = torch.randn(batch, case["in_channels"], *(SPATIAL[n],) * n)
+    check_every_strategy(make_layer(n, case, "auto"), x)
 
 
 @pytest.mark.parametrize(("n", "case"), GRID)
