@@ -622,6 +622,27 @@ def test_mixup_and_label_smoothing_train(tmp_path):
     assert math.isfinite(result.history[0]["train_loss"])
 
 
+def test_mixup_stops_at_mixup_off_epoch():
+    soft_targets = []  # per step: did the batch arrive mixed (soft float targets)?
+
+    def record(inputs, targets):
+        soft_targets.append(targets.is_floating_point())
+        return inputs, targets
+
+    dynconvert.finetune(
+        tiny_model(),
+        tensor_data(),
+        epochs=3,
+        batch_size=8,
+        mixup_alpha=0.2,
+        mixup_off_epoch=2,
+        batch_hook=record,
+        **QUIET,
+    )
+    per_epoch = len(soft_targets) // 3
+    assert soft_targets == [True] * (2 * per_epoch) + [False] * per_epoch
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -632,6 +653,7 @@ def test_mixup_and_label_smoothing_train(tmp_path):
         ({"batch_size": 2.5}, "batch_size"),
         ({"mean": [0.5, 0.5]}, "mean"),
         ({"label_smoothing": 1.0}, "label_smoothing"),
+        ({"mixup_off_epoch": -1.0}, "mixup_off_epoch"),
     ],
 )
 def test_bad_options_are_named(options, message):

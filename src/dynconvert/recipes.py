@@ -70,6 +70,7 @@ FINETUNE_SCHEMA: dict[str, tuple[type, ...]] = {
     "clip_grad_norm": _OPT_NUM,
     "mixup_alpha": _NUM,
     "cutmix_alpha": _NUM,
+    "mixup_off_epoch": _OPT_NUM,
     "amp": _OPT_STR,
     "channels_last": (bool,),
     "device": _OPT_STR,

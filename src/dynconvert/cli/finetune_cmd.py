@@ -39,6 +39,7 @@ _FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--kernel-diff-decay",), {"type": float, "help": "decay of the kernels' differences."}),
     (("--mixup-alpha",), {"type": float}),
     (("--cutmix-alpha",), {"type": float}),
+    (("--mixup-off-epoch",), {"type": float, "help": "plain batches from this epoch on."}),
     (("--distill/--no-distill",), {"default": None, "help": "distil from the static original."}),
     (("--distill-weight",), {"type": float}),
     (("--label-smoothing",), {"type": float}),

@@ -130,6 +130,8 @@ class Trainer:
             opts.label_smoothing,
             len(self.classes) if self.classes else model_num_classes(self.model),
         )
+        off = opts.mixup_off_epoch
+        self.mixup_off_iter = self.total_iters if off is None else round(off * self.iters_per_epoch)
         self.kernel_params = [
             p
             for m in dynamic_layers(self.model)
@@ -203,7 +205,7 @@ class Trainer:
         self.temperature.apply(self.model, self.iteration)
         inputs, hard = self._to_device(inputs), targets.to(self.device)
         targets = hard
-        if self.mixup is not None:
+        if self.mixup is not None and self.iteration < self.mixup_off_iter:
             inputs, targets = self.mixup(inputs, targets)
         if opts.batch_hook is not None:
             inputs, targets = opts.batch_hook(inputs, targets)

@@ -69,6 +69,8 @@ class FinetuneOptions:
     clip_grad_norm: float | None = None
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+    # timm's --mixup-off-epoch: plain batches from this epoch on (None = mixup to the end).
+    mixup_off_epoch: float | None = None
     amp: str | None = None
     channels_last: bool = False
     device: str | None = None
@@ -164,6 +166,7 @@ class FinetuneOptions:
             "temperature_start",
             "temperature_epochs",
             "clip_grad_norm",
+            "mixup_off_epoch",
         ):
             if getattr(self, name) is not None:
                 _number(self, name, positive=name not in ("attention_lr", "attention_weight_decay"))
