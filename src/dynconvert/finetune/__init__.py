@@ -17,9 +17,10 @@ from torch import nn
 
 from ..errors import DynconvertError
 from ..ranks import warnings_on_main_only
-from .loop import FinetuneResult, Trainer
+from .loop import Trainer
 from .models import load_user_model, reset_head, static_teacher, static_twin
 from .options import FinetuneOptions
+from .result import FinetuneResult
 
 
 def finetune(model: nn.Module, train: Any, val: Any = None, **options: Any) -> FinetuneResult:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 import warnings
@@ -36,6 +35,7 @@ from .losses import (
 from .models import check_head, model_num_classes, static_teacher, static_twin, to_channels_last
 from .options import FinetuneOptions
 from .progress import TrainProgress, health_table, results_table
+from .result import FinetuneResult
 from .resume import restore_trainer, stop_on_sigint, trainer_state
 from .schedules import (
     TemperatureSchedule,
@@ -43,22 +43,6 @@ from .schedules import (
     current_temperature,
     dynamic_layers,
 )
-
-
-@dataclasses.dataclass
-class FinetuneResult:
-    """What :func:`dynconvert.finetune` returns; ``model`` is the caller's model, trained."""
-
-    model: nn.Module
-    history: list[dict[str, Any]]
-    val_top1_original: float | None
-    val_top1_before: float | None
-    val_top1_after: float | None
-    health: dict[str, dict[str, Any]]
-    classes: list[str] | None
-    checkpoint: str | None
-    #: ``val_top1_after`` with every router forced uniform: what the attention adds.
-    val_top1_uniform: float | None = None
 
 
 class Trainer:
@@ -124,14 +108,14 @@ class Trainer:
         self.temperature = TemperatureSchedule(
             opts.temperature_start, opts.temperature_end, t_iters
         )
+        off = opts.mixup_off_epoch
         self.mixup = make_mixup(
             opts.mixup_alpha,
             opts.cutmix_alpha,
             opts.label_smoothing,
             len(self.classes) if self.classes else model_num_classes(self.model),
+            until_iteration=None if off is None else round(off * self.iters_per_epoch),
         )
-        off = opts.mixup_off_epoch
-        self.mixup_off_iter = self.total_iters if off is None else round(off * self.iters_per_epoch)
         self.kernel_params = [
             p
             for m in dynamic_layers(self.model)
@@ -205,8 +189,8 @@ class Trainer:
         self.temperature.apply(self.model, self.iteration)
         inputs, hard = self._to_device(inputs), targets.to(self.device)
         targets = hard
-        if self.mixup is not None and self.iteration < self.mixup_off_iter:
-            inputs, targets = self.mixup(inputs, targets)
+        if self.mixup is not None:
+            inputs, targets = self.mixup(inputs, targets, self.iteration)
         if opts.batch_hook is not None:
             inputs, targets = opts.batch_hook(inputs, targets)
         with self._autocast():

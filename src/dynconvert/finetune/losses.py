@@ -58,8 +58,18 @@ def training_loss(
     return loss
 
 
-def make_mixup(mixup_alpha: float, cutmix_alpha: float, smoothing: float, num_classes: int | None):
-    """timm's ``Mixup`` when either alpha is > 0 (it needs even batches; odd ones pass through)."""
+def make_mixup(
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    smoothing: float,
+    num_classes: int | None,
+    until_iteration: int | None = None,
+):
+    """timm's ``Mixup`` when either alpha is > 0 (it needs even batches; odd ones pass through).
+
+    The returned ``apply(inputs, targets, iteration)`` passes batches through unmixed from
+    ``until_iteration`` on (timm's ``--mixup-off-epoch``).
+    """
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return None
     if num_classes is None:
@@ -73,8 +83,8 @@ def make_mixup(mixup_alpha: float, cutmix_alpha: float, smoothing: float, num_cl
         num_classes=num_classes,
     )
 
-    def apply(inputs: torch.Tensor, targets: torch.Tensor):
-        if len(inputs) % 2:
+    def apply(inputs: torch.Tensor, targets: torch.Tensor, iteration: int):
+        if len(inputs) % 2 or (until_iteration is not None and iteration >= until_iteration):
             return inputs, targets
         return mixup(inputs, targets)
 
