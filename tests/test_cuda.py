@@ -17,7 +17,7 @@ import timm
 import torch
 from conftest import rel_err
 from export_models import Mixed, build
-from test_finetune import QUIET, tensor_data, tiny_model
+from finetune_helpers import QUIET, tensor_data, tiny_model
 from test_strategies import GRID, SPATIAL, check_every_strategy, make_layer, reference, strategies
 from torch import nn
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_finetune import make_data_dir, make_image_folder, write_tinynet
+from finetune_helpers import make_data_dir, make_image_folder, write_tinynet
 from test_finetune_cli import FAST, error_line, run
 from torch import nn
 

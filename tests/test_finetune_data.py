@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from finetune_helpers import QUIET, make_image_folder, tensor_data, tiny_model
 from PIL import Image
-from test_finetune import QUIET, make_image_folder, tensor_data, tiny_model
 from torch import nn
 
 import dynconvert

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_finetune import make_data_dir, write_tinynet
+from finetune_helpers import make_data_dir, write_tinynet
 
 import dynconvert
 from dynconvert import DynconvertError

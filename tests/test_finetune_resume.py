@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_finetune import make_data_dir, write_tinynet
+from finetune_helpers import make_data_dir, write_tinynet
 
 ITERS_PER_EPOCH = 6  # 24 images, batch 4
 
