@@ -14,7 +14,6 @@ from test_export_cli import assert_one_line_error, run
 
 import dynconvert
 from dynconvert import DynconvertError
-from dynconvert.recipes import load_recipe
 
 TIMM_NAME = "test_resnet"  # timm's tiny test model
 TINY = "_dynconvert_cli_tinynet"  # the module of the custom model, written per test session
@@ -260,46 +259,6 @@ def test_convert_refuses_an_input_size_the_model_cannot_take(tmp_path, capsys):
                             "--input-size", "3,32,32", "--out", out)  # fmt: skip
     assert code == 0, err
     assert "at input 3×32×32" in stdout and out.exists()
-
-
-# -- recipe structure ----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "fragments"),
-    [
-        ("- a\n- b\n", ["mapping of sections", "top level", "list"]),
-        ("finetune: 5\n", ["section 'finetune' must be a mapping", "int 5"]),
-        ("finetune:\n  epochs: [1\n", ["not valid YAML at line 3, column 1", "flow sequence"]),
-        ("finetune:\n  lr: 0.1\n  epochs: 1\n  epochs: 2\n",
-         ["duplicate key 'epochs' at line 4", "line 3"]),
-        ("finetune:\n  epochs: 1\nfinetune:\n  epochs: 2\n", ["duplicate key 'finetune'"]),
-    ],
-)  # fmt: skip
-def test_recipe_structure_errors_are_usage_errors(tmp_path, capsys, text, fragments):
-    path = tmp_path / "r.yaml"
-    path.write_text(text)
-    with pytest.raises(DynconvertError) as caught:
-        load_recipe(path)
-    assert caught.value.usage
-    for fragment in fragments:
-        assert fragment in str(caught.value)
-    code, _, err = run(capsys, TIMM_NAME, "--no-pretrained", "--out", tmp_path / "m.pt",
-                       "--recipe", path, "--data", tmp_path)  # fmt: skip
-    assert code == 2
-    assert_one_line_error(err, *fragments)
-
-
-def test_recipe_merge_keys_are_not_duplicates(tmp_path):
-    path = tmp_path / "r.yaml"
-    path.write_text("finetune:\n  <<: {epochs: 1, lr: 0.1}\n  epochs: 2\n")
-    assert load_recipe(path).finetune == {"epochs": 2, "lr": 0.1}
-
-
-def test_recipe_folder_is_named_a_folder(tmp_path):
-    with pytest.raises(DynconvertError, match="is a folder") as caught:
-        load_recipe(tmp_path)
-    assert caught.value.usage and "does not exist" not in str(caught.value)
 
 
 # -- exit codes and messages for missing inputs --------------------------------------------
