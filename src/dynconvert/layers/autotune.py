@@ -248,19 +248,21 @@ def _kernel_bytes(layer: DynamicConvNd) -> int:
 def eligible(layer: DynamicConvNd, x: torch.Tensor, strategies: Mapping[str, Strategy]):
     """The strategies worth timing for this call.
 
-    Eval at batch 1 on CPU takes ``dense`` untimed: its streamed mixing wins by reading the K
-    kernels once from memory, which a timing loop over one layer, whose kernels stay in
-    cache, cannot see (docs/performance.md, "What changed at batch 1"). Only ``packed``,
-    which mixes the same way, is timed against it, on large kernels.
+    Eval at batch 1 on CPU times ``dense`` against ``grouped``, ``unfold`` and ``loop`` (and
+    ``packed`` on large kernels). Taking ``dense`` untimed was 0-3% faster on a 32 MiB-L3 AMD
+    EPYC, where a one-layer timing keeps kernels in cache that a whole model reads from
+    memory; on a 480 MiB-L3 Xeon it made resnet50 at batch 1 ~15% slower than the timed picks
+    (docs/performance.md, "Batch 1 on an Intel Xeon").
     """
     # `packed` only where it runs as itself (CPU inference), not as its `loop` fallback.
     packed_runs = prepacked.usable(layer, x, x.new_empty(0))
     if x.shape[0] == 1 and x.device.type == "cpu" and not training_mode(layer, x):
         # `packed` streams its mixing the same way, so timing the two against each other is
         # fair; it pays where its saved kernel copy is large (ResNet-50 stage 3-4).
+        names = ["dense", "grouped", "unfold", "loop"]
         if packed_runs and _kernel_bytes(layer) >= PACKED_MIN_BYTES_AT_BATCH_1:
-            return {name: strategies[name] for name in ("dense", "packed")}
-        return {"dense": strategies["dense"]}
+            names.append("packed")
+        return {name: strategies[name] for name in names if name in strategies}
     from .unfold import output_size
 
     batch = x.shape[0]
