@@ -257,8 +257,7 @@ def eligible(layer: DynamicConvNd, x: torch.Tensor, strategies: Mapping[str, Str
     # `packed` only where it runs as itself (CPU inference), not as its `loop` fallback.
     packed_runs = prepacked.usable(layer, x, x.new_empty(0))
     if x.shape[0] == 1 and x.device.type == "cpu" and not training_mode(layer, x):
-        # `packed` streams its mixing the same way, so timing the two against each other is
-        # fair; it pays where its saved kernel copy is large (ResNet-50 stage 3-4).
+        # `packed` pays only where its saved kernel copy is large (ResNet-50 stage 3-4).
         names = ["dense", "grouped", "unfold", "loop"]
         if packed_runs and _kernel_bytes(layer) >= PACKED_MIN_BYTES_AT_BATCH_1:
             names.append("packed")
