@@ -234,7 +234,7 @@ def measure(
     return times
 
 
-#: At batch 1 (eval, CPU) ``packed`` is timed against ``dense`` only for K kernels of at
+#: At batch 1 (eval, CPU) ``packed`` is timed only for K kernels of at
 #: least this many bytes: below, its extra calls and channels_last copy cost as much as the
 #: kernel copy it saves. Timed against dense on every layer, whole mobilenetv2_100 and
 #: efficientnet_b0 ran 3-4% slower; with this floor they are unchanged and resnet50 4% faster.
@@ -248,23 +248,20 @@ def _kernel_bytes(layer: DynamicConvNd) -> int:
 def eligible(layer: DynamicConvNd, x: torch.Tensor, strategies: Mapping[str, Strategy]):
     """The strategies worth timing for this call.
 
-    Eval at batch 1 on CPU times ``dense`` against ``grouped``, ``unfold`` and ``loop`` (and
-    ``packed`` on large kernels). Taking ``dense`` untimed was 0-3% faster on a 32 MiB-L3 AMD
-    EPYC, where a one-layer timing keeps kernels in cache that a whole model reads from
-    memory; on a 480 MiB-L3 Xeon it made resnet50 at batch 1 ~15% slower than the timed picks
-    (docs/performance.md, "Batch 1 on an Intel Xeon").
+    Batch 1 times ``dense`` against the batched strategies too, eval included. Taking
+    ``dense`` untimed in eval was 0-3% faster on a 32 MiB-L3 AMD EPYC, where a one-layer
+    timing keeps kernels in cache that a whole model reads from memory; on a 480 MiB-L3 Xeon
+    it made resnet50 at batch 1 ~15% slower than the timed picks (docs/performance.md,
+    "Batch 1 on an Intel Xeon").
     """
-    # `packed` only where it runs as itself (CPU inference), not as its `loop` fallback.
-    packed_runs = prepacked.usable(layer, x, x.new_empty(0))
-    if x.shape[0] == 1 and x.device.type == "cpu" and not training_mode(layer, x):
-        # `packed` pays only where its saved kernel copy is large (ResNet-50 stage 3-4).
-        names = ["dense", "grouped", "unfold", "loop"]
-        if packed_runs and _kernel_bytes(layer) >= PACKED_MIN_BYTES_AT_BATCH_1:
-            names.append("packed")
-        return {name: strategies[name] for name in names if name in strategies}
     from .unfold import output_size
 
     batch = x.shape[0]
+    # `packed` only where it runs as itself (CPU inference), not as its `loop` fallback.
+    packed_runs = prepacked.usable(layer, x, x.new_empty(0))
+    if batch == 1 and x.device.type == "cpu":
+        # It pays only where its saved kernel copy is large (ResNet-50 stage 3-4).
+        packed_runs = packed_runs and _kernel_bytes(layer) >= PACKED_MIN_BYTES_AT_BATCH_1
     small_map = math.prod(output_size(layer, tuple(x.shape[2:]))) <= STATIC_MAX_OUTPUTS
     # On CUDA a layer this size is launch-bound and K convs cost about one: in the H200 table
     # (docs/performance.md) `static` was the fastest eval strategy on 56x56 maps it was
