@@ -247,6 +247,24 @@ def test_floor_benchmark_mixings_compute_the_mixed_kernels():
     assert rel_err(streamed_mixing_only(model, batch=2)(), want) <= 1e-6
 
 
+def test_floor_benchmark_routers_see_each_layers_own_input():
+    """benchmarks/floor.py: the timed routers give each layer's attention in the model."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from floor import routers_only
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(DynamicConv2d(4, 6, 3), torch.nn.ReLU(), DynamicConv2d(6, 8, 1))
+    for layer in (model[0], model[2]):
+        torch.nn.init.normal_(layer.attention.fc2.weight)  # not uniform: inputs matter
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        want = [model[0].attention(x), model[2].attention(model[1](model[0](x)))]
+        got = routers_only(model, x)()
+    assert len(got) == 2
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) <= 1e-6
+
+
 def test_mixing_benchmark_candidates_mix_the_same_kernels():
     """benchmarks/mixing.py: every timed form computes Σ_k a_bk·W_k (checked for the last b)."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
