@@ -10,14 +10,14 @@ traffic alone, in the same interleaved rounds as the static and the dynamic mode
 * ``static + streamed mixing``: the same forward, then for every converted layer B passes of
   ``Σ_k a_bk·W_k`` into one reused kernel-sized buffer, the way ``loop``, ``dense`` and
   ``packed`` mix (each sample's kernel stays in cache, the K kernels are read B times);
-* ``+ routers``: the GEMM-mixing floor, then every converted layer's router (pool → FC →
-  ReLU → FC → softmax) on a copy of the input that layer saw in the model;
+* ``static + GEMM mixing + routers``: the GEMM-mixing floor, then every converted layer's
+  router (pool → FC → ReLU → FC → softmax) on a copy of the input that layer saw in the model;
 * ``dynconvert``: the converted model (``auto``).
 
 The faster of the two mixings over ``static`` is a lower bound for any implementation that
 mixes kernels with PyTorch's own ops and runs the per-sample convs at static speed; the
 distance of ``dynconvert`` from it is what the strategies still lose. The routers are part of
-the method (the attention must exist before any kernel is mixed), so ``+ routers`` is the
+the method (the attention must exist before any kernel is mixed), so that column is the
 floor of the whole dynamic layer; their inputs are copies, not the activations the previous
 layer has just written, so they may come from further away in the cache hierarchy.
 
@@ -111,8 +111,9 @@ def main() -> None:
     print(f"{args.model}: {n_weights / 1e6:.1f} M dynamic conv weights, K={args.k}, "
           f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}")  # fmt: skip
     print(
-        "| batch | static | static + GEMM mixing | static + streamed mixing | + routers "
-        "| dynconvert | dynconvert / floor | dynconvert / floor with routers |"
+        "| batch | static | static + GEMM mixing | static + streamed mixing "
+        "| static + GEMM mixing + routers | dynconvert | dynconvert / floor "
+        "| dynconvert / floor with routers |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in args.batch:
