@@ -26,6 +26,7 @@ from typing import Any
 from torch import nn
 
 from .errors import DynconvertError
+from .sources import source_problem
 
 # Set on models built here so that ``save`` records the exact name and kwargs.
 SOURCE_ATTR = "_dynconvert_source"
@@ -247,6 +248,27 @@ def model_source(model: nn.Module) -> dict[str, Any]:
     return {"kind": "custom", "class": f"{cls.__module__}.{cls.__qualname__}"}
 
 
-def rebuild_timm_model(source: dict[str, Any]) -> nn.Module:
-    """The architecture recorded by :func:`model_source`, with random weights."""
-    return build_timm_model(source["name"], pretrained=False, **dict(source.get("kwargs") or {}))
+def rebuild_timm_model(source: dict[str, Any], where: str = "source") -> nn.Module:
+    """The architecture recorded by :func:`model_source`, with random weights.
+
+    The one place that builds a model from a recorded source: the source is checked first
+    (:func:`dynconvert.sources.source_problem`) and its name must be registered in timm
+    (:func:`build_timm_model` checks plain names), so a file can make the tool neither load
+    nor fetch anything (``where`` names the file).
+    """
+    problem = source_problem(source)
+    if problem is None and source.get("kind") != "timm":
+        problem = "is not a timm model"
+    if problem:
+        raise DynconvertError(
+            f"{where}: cannot rebuild the model: its source {problem}", usage=True
+        )
+    name = source["name"]
+    if ":" in name:  # hf-hub:org/repo fetches a config, local-dir:path reads one
+        raise DynconvertError(
+            f"{where}: the recorded timm name {name!r} names a config to fetch or read; a "
+            "saved file is rebuilt from timm's registered names only: pass the architecture "
+            "with model= (CLI: --model)",
+            usage=True,
+        )
+    return build_timm_model(name, pretrained=False, **dict(source.get("kwargs") or {}))

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import DynconvertError
 from ..layers import DynamicConvNd
+from ..sources import source_problem
 from .conversion import (
     CONVERSION_ATTR,
     architecture,
@@ -112,12 +113,13 @@ def _uniform_dtype(state_dict: dict[str, torch.Tensor]) -> str | None:
 
 
 def _check_source(source: Any) -> None:
-    if not isinstance(source, dict) or source.get("kind") not in ("timm", "custom"):
+    problem = source_problem(source)
+    if problem:
         raise DynconvertError(
-            f"source: expected a dict with kind 'timm' or 'custom', got {source!r}"
+            f"source: the model's recorded source {problem}; a saved file records only the "
+            "timm name and architecture options (the weights are saved with it), so pass "
+            "source= with those, or a custom source and load it with model="
         )
-    if source["kind"] == "timm" and not isinstance(source.get("name"), str):
-        raise DynconvertError(f"source: a timm source needs a 'name', got {source!r}")
 
 
 def read(path: str | os.PathLike[str], *, map_location: Any = "cpu") -> dict[str, Any]:
@@ -151,6 +153,14 @@ def read(path: str | os.PathLike[str], *, map_location: Any = "cpu") -> dict[str
             raise DynconvertError(f"{path} is a damaged dynconvert file: no valid {key!r} entry")
     if not all(isinstance(n, str) for n in data["converted"]):
         raise DynconvertError(f"{path} is a damaged dynconvert file: bad 'converted' names")
+    problem = source_problem(data["source"])
+    if problem:  # checked before anything is built from the file, whatever the caller does
+        raise DynconvertError(
+            f"{path} was refused: its recorded source {problem}; a saved file may only name a "
+            "timm model and its architecture options, so nothing was built or loaded (use "
+            "files from a source you trust)",
+            usage=True,
+        )
     return data
 
 
@@ -178,7 +188,7 @@ def load(
                 "dynconvert.load(path, model=YourModel(...)) in Python, --model "
                 "package.module:function on the command line"
             )
-        model = rebuild_timm_model(source)
+        model = rebuild_timm_model(source, where=str(path))
         if data.get("dtype") not in (None, "float32"):
             model.to(getattr(torch, data["dtype"]))
         if isinstance(map_location, (str, torch.device)):
