@@ -121,10 +121,10 @@ def _value_problem(value: Any) -> str | None:
     if value is None or isinstance(value, (bool, int, float)):
         return None
     if isinstance(value, str):
-        if len(value) > MAX_TEXT:
-            return f"a string of {len(value)} characters (at most {MAX_TEXT})"
         if not _WORD.fullmatch(value):
             return f"{_short(value)}, which looks like a path or URL (only plain words)"
+        if len(value) > MAX_TEXT:
+            return f"a string of {len(value)} characters (at most {MAX_TEXT})"
         return None
     return f"a {type(value).__name__} (only None, bools, numbers, words and lists of them)"
 

@@ -116,9 +116,9 @@ def _check_source(source: Any) -> None:
     problem = source_problem(source)
     if problem:
         raise DynconvertError(
-            f"source: the model's recorded source {problem}; a saved file records only the "
-            "timm name and architecture options (the weights are saved with it), so pass "
-            "source= with those, or a custom source and load it with model="
+            f"source: the recorded source {problem}; a saved file records only a timm name "
+            "and its architecture options (the weights are saved with it): pass source= "
+            "without it, or {'kind': 'custom'} and load the file with model="
         )
 
 
@@ -156,9 +156,9 @@ def read(path: str | os.PathLike[str], *, map_location: Any = "cpu") -> dict[str
     problem = source_problem(data["source"])
     if problem:  # checked before anything is built from the file, whatever the caller does
         raise DynconvertError(
-            f"{path} was refused: its recorded source {problem}; a saved file may only name a "
-            "timm model and its architecture options, so nothing was built or loaded (use "
-            "files from a source you trust)",
+            f"{path} was refused: its recorded source {problem}; nothing was built or loaded "
+            "(a saved file names only a timm model and its architecture options; use files "
+            "from a source you trust)",
             usage=True,
         )
     return data
