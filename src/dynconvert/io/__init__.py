@@ -4,7 +4,8 @@ The file is a dict of plain data and tensors; no module is ever pickled::
 
     format    "dynconvert"            version   1 (a newer version is refused)
     source    {"kind": "timm", "name": "resnet50", "kwargs": {...}}
-              or {"kind": "custom", "class": "pkg.mod.Net"} (shown, never imported)
+              or {"kind": "custom", "class": "pkg.mod.Net"} (shown, never imported); both
+              checked before anything is built (:mod:`dynconvert.sources`)
     config    ConvertConfig.to_dict() of the conversion
     converted qualified names of the converted modules (what ``swap_named`` takes)
     strategies  {name: strategy} of converted layers whose strategy differs from the option
@@ -31,8 +32,7 @@ Where ``save`` learns the conversion (``convert`` does not record it on the mode
 :func:`load`), from ``pretrained_cfg`` for other timm models, else ``custom``.
 
 ``load`` reads with ``weights_only=True`` only (a pickle that would run code is refused, not
-run), checks the marker, version and recorded source (:mod:`dynconvert.sources`: what a file
-may make ``load`` build; ``save`` applies the same check), rebuilds timm models by name (``pretrained=False``) or
+run), checks the marker and version, rebuilds timm models by name (``pretrained=False``) or
 takes the caller's ``model=``, swaps the saved names with the saved options and loads the
 state dict strictly. Writes go to a temporary file in the target folder, renamed into place.
 
