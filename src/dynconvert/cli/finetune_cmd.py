@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import DynconvertError
 from ..ranks import is_main_process
+from .model_request import is_saved_file
 
 # click option name -> FinetuneOptions field (None: handled by the command itself).
 _FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
@@ -193,7 +194,7 @@ def check_run(
     read = {
         **(inputs or {}),
         "--recipe": flags.get("recipe"),
-        "the recipe's model.name": named if named and ":" not in named else None,
+        "the recipe's model.name": named if named and is_saved_file(named) else None,
         "the recipe's model.weights": recipe.model.get("weights"),
         "--resume": options.get("resume"),
     }
