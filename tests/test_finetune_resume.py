@@ -131,3 +131,15 @@ def test_ctrl_c_saves_the_current_state_and_resume_matches(setup):
     assert f"state saved to {ckpt}" in err
     assert err.strip().splitlines()[-1].startswith("error:")
     resume_and_compare(data, code, out, ckpt, reference)
+
+
+def test_sigterm_saves_the_current_state_and_resume_matches(setup):
+    """SIGTERM (what kill and job schedulers send) stops the run as Ctrl-C does."""
+    root, data, code, reference = setup
+    out, ckpt, returncode, err = interrupt_mid_epoch(root, data, code, signal.SIGTERM, "termed")
+    assert returncode == 128 + signal.SIGTERM, err
+    assert f"state saved to {ckpt}" in err
+    last = err.strip().splitlines()[-1]
+    assert last == f"error: interrupted by SIGTERM; {ckpt} saved and complete", err
+    assert [p.name for p in root.glob(".*.tmp")] == []
+    resume_and_compare(data, code, out, ckpt, reference)

@@ -11,6 +11,7 @@ command line) adds the traceback.
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 import traceback
 import warnings
@@ -19,7 +20,9 @@ from importlib import import_module
 
 import click
 
+from .. import interrupts
 from ..errors import DynconvertError
+from ..interrupts import signal_name, sigterm_as_interrupt
 from ..ranks import warnings_on_main_only
 
 # name -> "module:attribute" of a click.Command; imported only when that command runs.
@@ -129,18 +132,35 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def _report_interrupt(exc: BaseException | None) -> int:
+    """One line for Ctrl-C or SIGTERM: which outputs are complete, and the exit code.
+
+    A signal that came after the last output was renamed into place interrupted nothing the
+    user asked for: the files are saved and complete, so that is what is said, with exit 0.
+    """
+    name = signal_name(exc) if exc is not None else "SIGINT"
+    saved = [str(p) for p in interrupts.written_outputs()]
+    if interrupts.all_outputs_written():
+        click.echo(f"saved {', '.join(saved)} (complete: the {name} came after the last "
+                   "write)", err=True)  # fmt: skip
+        return 0
+    done = f"; {', '.join(saved)} saved and complete" if saved else ""
+    click.echo(f"error: interrupted by {name}{done}", err=True)
+    return 128 + getattr(signal, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the CLI and maps failures to one line and an exit code."""
     argv, debug = _hoist_debug(list(sys.argv[1:] if argv is None else argv))
+    interrupts.reset_outputs()
     try:
-        with warnings_on_main_only(), _plain_warnings(not debug):
+        with sigterm_as_interrupt(), warnings_on_main_only(), _plain_warnings(not debug):
             cli.main(args=argv, prog_name="dynconvert", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
         # click turns Ctrl-C inside a command into Abort.
-        click.echo("error: interrupted", err=True)
-        return 130
+        return _report_interrupt(exc.__cause__ or exc.__context__)
     except _NO_ARGS_IS_HELP as exc:  # bare ``dynconvert``: the help itself, not an error line
         exc.show()
         return exc.exit_code
@@ -156,9 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             _print_traceback(exc)
         click.echo(f"error: {exc}", err=True)
         return 2 if exc.usage else 1
-    except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        return 130
+    except KeyboardInterrupt as exc:
+        return _report_interrupt(exc)
     except Exception as exc:  # any other failure is still one line unless --debug
         if debug:
             _print_traceback(exc)

@@ -190,7 +190,7 @@ def bench_command(
     """Time MODEL static vs dynamic: eval latency, a training step and its peak memory."""
     from rich.console import Console
 
-    from ..io import atomic_write_text, check_output_path
+    from ..io import atomic_write_text, check_outputs
     from .convert_cmd import explicit_options
     from .model_request import is_saved_file
 
@@ -203,7 +203,9 @@ def bench_command(
     where = _device(device, amp)  # before the models are built (seconds)
     if json_path is not None:
         # before the measurement, which takes minutes
-        check_output_path(json_path, (Path(model) if is_saved_file(model) else None,))
+        check_outputs(
+            {"--json": json_path}, {"MODEL": Path(model) if is_saved_file(model) else None}
+        )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     pair = _load_pair(model, architecture, k, strategy)
     console = Console()

@@ -139,6 +139,14 @@ def write_outputs(prepared: Prepared, out: Path | None, json_path: Path | None) 
     click.echo(f"saved {out} ({size_mb:.1f} MiB); load it with {how}")
 
 
+def input_files(request: ModelRequest) -> dict[str, Path | None]:
+    """The files the convert command reads, which no output may replace."""
+    return {
+        "MODEL": Path(request.model) if is_saved_file(request.model) else None,
+        "--checkpoint": request.checkpoint,
+    }
+
+
 def run_convert(
     request: ModelRequest,
     *,
@@ -147,12 +155,10 @@ def run_convert(
     after_convert: AfterConvert | None = None,
 ) -> Prepared:
     """The command without click: check outputs, prepare, optional extra step, write."""
-    from dynconvert.io import check_output_path
+    from dynconvert.io import check_outputs
 
-    inputs = (Path(request.model) if is_saved_file(request.model) else None, request.checkpoint)
-    for path in (out, json_path):
-        if path is not None:
-            check_output_path(path, inputs)  # fail before the (slow) conversion
+    # fail before the (slow) conversion
+    check_outputs({"--out": out, "--json": json_path}, input_files(request))
     prepared = prepare_model(request)
     if after_convert is not None:
         prepared.model = after_convert(prepared.model, prepared.report)
@@ -240,5 +246,8 @@ def convert_command(
             train_flags["seed"] = None
         if train_flags["recipe"] is not None:
             apply_recipe(request, train_flags["recipe"])
-    after = None if train_flags is None else finetune_step(train_flags, None if dry_run else out)
+    after = None
+    if train_flags is not None:
+        outputs = {"--json": json_path}
+        after = finetune_step(train_flags, None if dry_run else out, input_files(request), outputs)
     run_convert(request, out=None if dry_run else out, json_path=json_path, after_convert=after)

@@ -107,10 +107,10 @@ def export_command(
     """
     import dynconvert
     from dynconvert.export.deps import check_available
-    from dynconvert.io import check_output_path
+    from dynconvert.io import check_outputs
 
     name = _format_name(format_name, out)
-    check_output_path(out, (model_file,))
+    check_outputs({"--out": out}, {"MODEL_FILE": model_file})
     check_available(name, verify)  # before the model is built: a missing package is one line
     _check_opset(name, opset)
     check_model_path(model_file, "a dynconvert file")

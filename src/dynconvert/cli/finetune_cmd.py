@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import DynconvertError
 from ..ranks import is_main_process
+from .model_request import is_saved_file
 
 # click option name -> FinetuneOptions field (None: handled by the command itself).
 _FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
@@ -115,11 +116,18 @@ def pop_pipeline_flags(options: dict[str, Any]) -> dict[str, Any] | None:
     return flags
 
 
-def finetune_step(flags: dict[str, Any], out: Path | None) -> Callable:
-    """The ``after_convert`` step of the convert command: fine-tune, leave saving to it."""
+def finetune_step(
+    flags: dict[str, Any],
+    out: Path | None,
+    inputs: dict[str, Path | None],
+    outputs: dict[str, Path | None],
+) -> Callable:
+    """The ``after_convert`` step of the convert command: fine-tune, leave saving to it.
+    ``inputs`` and ``outputs``: the convert command's own (``MODEL``, ``--json``)."""
     if out is None:
         raise DynconvertError("fine-tuning needs --out FILE (not --dry-run)", usage=True)
-    plan = check_run(flags, out)  # outputs and data before the conversion
+    # outputs and data before the conversion
+    plan = check_run(flags, out, inputs, outputs, checkpoint_flag="--train-checkpoint")
 
     def step(model: nn.Module, report: Any) -> nn.Module:
         run_finetune(model, flags, out, save=False, plan=plan)
@@ -162,23 +170,42 @@ class RunPlan:
     has_val: bool
 
 
-def check_run(flags: dict[str, Any], out: Path, inputs: tuple[Path | None, ...] = ()) -> RunPlan:
+def check_run(
+    flags: dict[str, Any],
+    out: Path,
+    inputs: dict[str, Path | None] | None = None,
+    outputs: dict[str, Path | None] | None = None,
+    checkpoint_flag: str = "--checkpoint",
+) -> RunPlan:
     """Every check that needs no model: options, output paths, plot format, data layout.
 
-    ``inputs``: files the run reads (model, weights), which no output may replace.
+    ``inputs``: files the run reads (``MODEL``, weights), which no output may replace;
+    ``outputs``: the command's other outputs (``--json``), which must be other files.
     """
     from .. import io
     from ..finetune.data import scan_image_folder, split_folders
     from ..finetune.plot import check_plot_path
 
     options, recipe, data = collect_options(flags)
-    files_read = (*inputs, flags.get("recipe"))
-    io.check_output_path(out, (*files_read, options.get("resume")))
+    explicit_checkpoint = options.get("checkpoint") is not None
     options.setdefault("checkpoint", str(out.with_suffix(".ckpt")))
     _check_distinct(out, options, explicit_checkpoint=flags.get("checkpoint") is not None)
-    for written in (options["checkpoint"], options.get("plot")):  # may be the resumed file
-        if written is not None:
-            io.check_output_path(Path(written), files_read)
+    named = recipe.model.get("name")
+    read = {
+        **(inputs or {}),
+        "--recipe": flags.get("recipe"),
+        "the recipe's model.name": named if named and is_saved_file(named) else None,
+        "the recipe's model.weights": recipe.model.get("weights"),
+        "--resume": options.get("resume"),
+    }
+    checkpoint = checkpoint_flag if explicit_checkpoint else "the training checkpoint"
+    written = {"--out": out, **(outputs or {}), checkpoint: options["checkpoint"]}
+    io.check_outputs(
+        {**written, "--plot": options.get("plot")},
+        read,
+        {"--data": data},
+        may_replace=[(checkpoint, "--resume")],  # the checkpoint continues the resumed run
+    )
     if options.get("plot") is not None:
         check_plot_path(options["plot"])
     train_root, val_root = split_folders(data)
@@ -307,7 +334,8 @@ def finetune_command(model_file, spec, weights, out, **flags) -> None:
     dynconvert finetune --model pkg.mod:net --weights w.pth --data DIR --out ft.pt
     torchrun --nproc_per_node 4 -m dynconvert finetune model.pt --data DIR --out ft.pt
     """
-    plan = check_run(flags, out, (model_file, weights))  # before anything is loaded
+    # before anything is loaded
+    plan = check_run(flags, out, {"MODEL": model_file, "--weights": weights})
     recipe = plan.recipe
     if model_file is None and spec is None and recipe.model.get("name"):
         name = recipe.model["name"]  # a dynconvert file, or package.module:function

@@ -78,10 +78,10 @@ def inspect_command(
     dynconvert inspect resnet50 --k 4 --exclude 'layer4.*'
     dynconvert inspect model.pt
     """
-    from dynconvert.io import check_output_path
+    from dynconvert.io import check_outputs
 
-    if json_path is not None:
-        check_output_path(json_path, (Path(model) if is_saved_file(model) else None,))
+    saved = Path(model) if is_saved_file(model) else None
+    check_outputs({"--json": json_path}, {"MODEL": saved})
     explicit = explicit_options(ctx, CONVERSION_OPTIONS)
     if is_saved_file(model) and not explicit:
         path = Path(model)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import DynconvertError
+from ..interrupts import interrupt_for
 from ..io.files import atomic_torch_save
 from . import checkpoint as ckpt
 from . import precision
@@ -64,6 +65,7 @@ class Trainer:
         self.skipped_files = data.skipped_files
         check_head(model, self.classes)
         self._stop_requested = False
+        self._stop_signal: int | None = None  # set by stop_on_sigint
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -265,7 +267,7 @@ class Trainer:
                 self._save()
                 where = f"; state saved to {self.last_checkpoint}" if self.last_checkpoint else ""
                 progress.log(f"interrupted at epoch {epoch + 1}, iteration {self.iteration}{where}")
-                raise KeyboardInterrupt
+                raise interrupt_for(self._stop_signal)
             if (
                 opts.checkpoint_every
                 and self.iteration % opts.checkpoint_every == 0

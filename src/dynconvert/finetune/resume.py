@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DynconvertError
+from ..interrupts import STOP_SIGNALS, interrupt_for
 from . import checkpoint as ckpt
 from .schedules import TemperatureSchedule
 
@@ -187,20 +188,22 @@ def _continue_with_other_world(t: Trainer, path: str | Path, saved_world: int) -
 
 @contextlib.contextmanager
 def stop_on_sigint(t: Trainer) -> Iterator[None]:
-    """The first Ctrl-C asks the trainer to stop at the next iteration boundary, where it
-    saves a checkpoint (all ranks agree on the step, see ``Trainer._step``); a second one
-    interrupts at once."""
+    """The first Ctrl-C or SIGTERM asks the trainer to stop at the next iteration boundary,
+    where it saves a checkpoint (all ranks agree on the step, see ``Trainer._step``); a
+    second one interrupts at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: object) -> None:
+        t._stop_signal = signum
         if t._stop_requested:
-            raise KeyboardInterrupt
+            raise interrupt_for(signum)
         t._stop_requested = True
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler_before in previous.items():
+            signal.signal(sig, handler_before)

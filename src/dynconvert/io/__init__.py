@@ -36,7 +36,8 @@ run), checks the marker and version, rebuilds timm models by name (``pretrained=
 takes the caller's ``model=``, swaps the saved names with the saved options and loads the
 state dict strictly. Writes go to a temporary file in the target folder, renamed into place.
 
-Modules: ``files`` (output checks, atomic write, weights-only read), ``conversion`` (what is
+Modules: ``files`` (output checks, atomic write, weights-only read), ``outputs`` (a
+command's outputs checked against its inputs and each other), ``conversion`` (what is
 recorded about the conversion), ``saved_model`` (``save``, ``read``, ``load``).
 """
 
@@ -49,6 +50,7 @@ from .files import (
     check_output_path,
     safe_torch_load,
 )
+from .outputs import check_outputs
 from .saved_model import FORMAT, VERSION, load, read, save
 
 __all__ = [
@@ -60,6 +62,7 @@ __all__ = [
     "atomic_write_text",
     "check_free_space",
     "check_output_path",
+    "check_outputs",
     "load",
     "read",
     "safe_torch_load",

@@ -7,10 +7,12 @@ pickle that would run code is refused (and not run) with one clear line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
 import shutil
+import stat
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -21,13 +23,19 @@ from typing import Any
 import torch
 
 from ..errors import DynconvertError
+from ..interrupts import record_written, signals_held
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so no temporary is taken for stale
+    fcntl = None  # type: ignore[assignment]
 
 
 def check_output_path(path: Path, inputs: tuple[Path | None, ...] = ()) -> None:
     """Fail before any work when ``path`` cannot be written: missing, unwritable or a folder,
     or one of the command's ``inputs`` (the write would destroy what the command reads)."""
     for source in inputs:
-        if source is not None and _same_file(path, Path(source)):
+        if source is not None and same_file(path, Path(source)):
             raise DynconvertError(
                 f"cannot write {path}: it is the input file {source}, which the write would "
                 "replace; give another output path",
@@ -44,7 +52,8 @@ def check_output_path(path: Path, inputs: tuple[Path | None, ...] = ()) -> None:
         raise DynconvertError(f"cannot write {path}: folder {folder} is not writable")
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: through links, hard links and other spellings."""
     if a.exists() and b.exists():
         return os.path.samefile(a, b)  # also through links and different spellings
     return a.resolve() == b.resolve()
@@ -69,25 +78,92 @@ def atomic_output(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterato
     """A temporary path beside ``path`` for the caller to write.
 
     When the block ends without error the file is flushed to disk, given the mode a new file
-    would get, and renamed to ``path``; on any error it is removed and ``path`` is untouched.
+    would get, and renamed to ``path``; on any error (Ctrl-C and SIGTERM included) it is
+    removed and ``path`` is untouched. Temporaries of ``path`` that a killed process left
+    behind are removed first. The temporary is locked while it is written, so that another
+    process writing the same target does not take it for a stale one.
     """
     path = Path(path)
+    remove_stale_temporaries(path, suffix)
     try:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     except OSError as exc:
         raise DynconvertError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    os.close(fd)
     tmp = Path(name)
     try:
+        _lock(fd)
         yield tmp
-        try:
-            _fsync(tmp)  # the rename must not reach the disk before the data does
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise DynconvertError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        with signals_held():  # renamed and recorded together: a signal now finds it complete
+            try:
+                _fsync(tmp)  # the rename must not reach the disk before the data does
+                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise DynconvertError(f"cannot write {path}: {exc.strerror or exc}") from exc
+            record_written(path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with signals_held():  # a second Ctrl-C must not skip the clean-up
+            tmp.unlink(missing_ok=True)
+            os.close(fd)
+
+
+def temporary_pattern(path: Path, suffix: str = ".tmp") -> re.Pattern[str]:
+    """The names :func:`atomic_output` gives the temporaries of ``path``: ``.NAME.XXXXXXXX``
+    and ``suffix``, with mkstemp's eight random characters."""
+    return re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}{re.escape(suffix)}")
+
+
+def remove_stale_temporaries(path: Path, suffix: str = ".tmp") -> list[Path]:
+    """Remove the temporaries of ``path`` that no live writer holds (left by a killed run).
+
+    Only regular files whose whole name matches :func:`temporary_pattern` are touched;
+    a temporary still locked by its writer, a link, or a file we may not delete stays.
+    """
+    pattern = temporary_pattern(path, suffix)
+    folder = path.parent
+    try:
+        names = [n for n in os.listdir(folder) if pattern.fullmatch(n)]
+    except OSError:
+        return []  # a missing or unreadable folder: the write itself reports it
+    removed = []
+    for name in names:
+        candidate = folder / name
+        try:
+            fd = os.open(candidate, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue  # a link (O_NOFOLLOW), gone already, or not ours to read
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode) or not _try_lock(fd):
+                continue  # not a file, or a writer is still at work on it
+            if os.stat(candidate, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
+                continue  # replaced under us
+            candidate.unlink()
+            removed.append(candidate)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _lock(fd: int) -> None:
+    """Mark a temporary as in use (a new file, so nobody else holds it)."""
+    if fcntl is None:
+        return
+    with contextlib.suppress(OSError):  # a file system without locks: the write goes on
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _try_lock(fd: int) -> bool:
+    """Whether no other process holds a lock on ``fd``'s file (the kernel drops the locks of
+    a killed process). Without ``fcntl`` (Windows) nothing is taken for stale."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
