@@ -66,7 +66,9 @@ CASES: list[Case] = [
     Case("seresnext26d_32x4d", "resnet", fast=False),
     Case("resnetv2_50", "resnet", fast=False),
     # BiT ResNetV2 (StdConv2d), narrowed to stay small
-    Case("resnetv2_50x1_bit", "resnetv2", create={"channels": [128, 128, 256, 256], "stem_chs": 32}),
+    Case(
+        "resnetv2_50x1_bit", "resnetv2", create={"channels": [128, 128, 256, 256], "stem_chs": 32}
+    ),
     Case("resnetv2_50x1_bit", "resnetv2", fast=False),
     # RegNet
     Case("regnetx_002", "regnet"),
@@ -222,7 +224,7 @@ def check(case: Case) -> Result:
 
 
 def check_model(model: nn.Module, case: Case) -> Result:
-    """Convert ``model`` (built for ``case``) in place and compare its outputs with the original's."""
+    """Convert ``model`` (built for ``case``) in place; compare its outputs with the original's."""
     randomise_norms(model)
     x = torch.randn(case.batch, *case.input_size, generator=torch.Generator().manual_seed(2))
     before = outputs(model, x)

@@ -60,7 +60,6 @@ def _build(name: str, size: int):
     """The model and its case, at the smallest input it accepts among the candidates."""
     import timm
     import torch
-
     from timm_coverage import Case
 
     attempts = [({"img_size": size}, size), ({}, size), ({}, None)]
@@ -87,8 +86,9 @@ def _build(name: str, size: int):
 
 
 def run_one(name: str, size: int, tolerance: float) -> dict:
-    import dynconvert
     import timm_coverage
+
+    import dynconvert
 
     start = time.perf_counter()
     row = {"name": name, "family": family_of(name), "status": "failed", "detail": None,

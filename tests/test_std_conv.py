@@ -39,7 +39,9 @@ GEOMETRIES = {
     "depthwise": dict(in_channels=4, out_channels=8, kernel_size=3, groups=4, stride=2),
 }
 CASES = [
-    pytest.param(kind, geometry, id=f"{kind}-{geometry}") for kind in TYPES for geometry in GEOMETRIES
+    pytest.param(kind, geometry, id=f"{kind}-{geometry}")
+    for kind in TYPES
+    for geometry in GEOMETRIES
 ]
 
 
@@ -246,7 +248,12 @@ def test_one_fine_tuning_step_moves_kernels_gains_and_routers():
     data = tensor_data(8, classes=5)  # 8x8 images
     dynconvert.finetune(model, data, epochs=1, batch_size=8, lr=0.05, **QUIET)
     after = model.state_dict()
-    for name in ("std.weight", "scaled.gain", "scaled_same.weight", "std_same.attention.fc2.weight"):
+    for name in (
+        "std.weight",
+        "scaled.gain",
+        "scaled_same.weight",
+        "std_same.attention.fc2.weight",
+    ):
         assert not torch.equal(before[name], after[name]), name
     assert all(torch.isfinite(t).all() for t in after.values() if t.is_floating_point())
 

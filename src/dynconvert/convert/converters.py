@@ -111,4 +111,6 @@ if _timm_std_conv is not None:
     register_converter(_timm_std_conv.StdConv2d, _from_conv(DynamicStdConv2d))
     register_converter(_timm_std_conv.StdConv2dSame, _from_conv(DynamicStdConv2d))
     for _scaled in (_timm_std_conv.ScaledStdConv2d, _timm_std_conv.ScaledStdConv2dSame):
-        register_converter(_scaled, _from_conv(DynamicStdConv2d), carries=("weight", "bias", "gain"))
+        register_converter(
+            _scaled, _from_conv(DynamicStdConv2d), carries=("weight", "bias", "gain")
+        )

@@ -14,7 +14,8 @@ created when the conv had none). The router reads the conv's input, which does n
 not-traceable modules as leaves), also keeping BatchNorms as leaves: the conv's output must
 be used by that BatchNorm only, each called exactly once, and neither's parameters read
 anywhere else. Weight-standardized convs (``DynamicStdConv2d``) are never folded: their
-forward normalises each kernel again, which would undo the BatchNorm's scale. The BatchNorm is then replaced, in place under every name it has, by
+forward normalises each kernel again, which would undo the BatchNorm's scale. The BatchNorm
+is then replaced, in place under every name it has, by
 ``nn.Identity`` (or, for timm's ``BatchNormAct2d``, by its dropout and activation, which it
 applies after normalising). The fold uses the running statistics, so it is for inference.
 """

@@ -125,7 +125,11 @@ class DynamicStdConv2d(DynamicConv2d):
         _check_k(k)
         types = _timm_std_conv_types()
         kind = next(
-            (n for n, t in types.items() if isinstance(conv, t) and type(conv).forward is t.forward),
+            (
+                n
+                for n, t in types.items()
+                if isinstance(conv, t) and type(conv).forward is t.forward
+            ),
             None,
         )
         if kind is None:
@@ -197,7 +201,7 @@ class DynamicStdConv2d(DynamicConv2d):
         return super().pad_input(x)
 
     def centred_kernels(self) -> torch.Tensor:
-        """The K kernels with each output channel's mean removed: ``(K, out, in/groups, kh, kw)``."""
+        """The K kernels, each output channel's mean removed: ``(K, out, in/groups, kh, kw)``."""
         return self.weight - self.weight.mean(dim=(2, 3, 4), keepdim=True)
 
     def output_scale(self, centred: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -235,4 +239,3 @@ class DynamicStdConv2d(DynamicConv2d):
         if self.same_pad:
             s += ", padding='tf_same'"
         return s
-
