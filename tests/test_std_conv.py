@@ -165,6 +165,29 @@ def test_every_strategy_matches_float64_forward_and_backward(kind, geometry, bat
     check_every_strategy(layer, make_input(layer, batch), reference=std_reference)
 
 
+@pytest.mark.parametrize("kind", ["std", "scaled_same"])
+def test_autocast_gives_the_timm_layers_dtype_and_a_float32_scale(kind):
+    """Under bf16 autocast the output has the dtype timm's layer gives; the variance is still
+    computed in float32 (a bf16 Gram matrix would lose its leading digits)."""
+    conv = make_conv(kind, "3x3")
+    layer = DynamicStdConv2d.from_conv(conv, noise=0.3)
+    randomize_router(layer)
+    x = make_input(conv)
+    want = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_dtype = conv(x).dtype
+        for strategy in strategies(x.shape[0]):
+            layer.strategy = strategy
+            out = layer(x)
+            assert out.dtype == expected_dtype == torch.bfloat16, strategy
+            assert rel_err(out, want) <= 3e-2, strategy
+    attn = layer.attention(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        factor = layer.output_scale(layer.centred_kernels(), attn)
+    assert factor.dtype == torch.float32
+    assert rel_err(factor, layer.output_scale(layer.centred_kernels(), attn)) < 1e-6
+
+
 def test_router_gets_a_gradient_at_the_start():
     conv = make_conv("scaled", "3x3")
     layer = DynamicStdConv2d.from_conv(conv, k=4)
