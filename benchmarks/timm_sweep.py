@@ -9,8 +9,10 @@ convs *can* be converted, not the default policy. Every model runs in its own pr
 a wall-clock timeout and an address-space limit, and adds one JSON line to OUT:
 
     {"name", "family", "status", "detail", "converted", "convs", "max_rel_error", "seconds",
-     "input_size", "skip_reasons"}
+     "input_size", "batch", "skip_reasons"}
 
+A model not exact at batch 2 is checked again at batch 16 (``batch`` says which counted):
+train-mode BatchNorm over two samples of a tiny map is ill-conditioned.
 ``status`` is ``converted-exact``, ``converted-with-skips`` (exact; some convs left static,
 see ``skip_reasons``), ``nothing-to-convert`` (no conv at all), ``refused`` (convs, none
 convertible; ``detail`` says why), ``failed`` (``detail``: the error's first line, or the
@@ -25,6 +27,7 @@ run continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -37,6 +40,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+RETRY_BATCH = 16  # for a model not exact at batch 2 (see run_one)
 STATUSES = ("converted-exact", "converted-with-skips", "nothing-to-convert", "refused", "failed",
             "timeout")  # fmt: skip
 
@@ -86,7 +90,9 @@ def _build(name: str, size: int):
 
 
 def run_one(name: str, size: int, tolerance: float) -> dict:
+    import timm
     import timm_coverage
+    import torch
 
     import dynconvert
 
@@ -98,6 +104,14 @@ def run_one(name: str, size: int, tolerance: float) -> dict:
         model, case = _build(name, size)
         row["input_size"] = list(case.input_size)
         result = timm_coverage.check_model(model, case)
+        if max(result.errors.values()) > tolerance:
+            # Train-mode BatchNorm over batch 2 x a tiny map normalises a handful of values
+            # (two normalise to ±1): ill-conditioned, not inexact. Once more at batch 16.
+            case = dataclasses.replace(case, batch=RETRY_BATCH)
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False, **case.create)
+            result = timm_coverage.check_model(model, case)
+        row["batch"] = case.batch
     except dynconvert.DynconvertError as exc:
         message = str(exc)
         if "no convolution to convert" in message:
