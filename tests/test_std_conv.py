@@ -188,6 +188,27 @@ def test_autocast_gives_the_timm_layers_dtype_and_a_float32_scale(kind):
     assert rel_err(factor, layer.output_scale(layer.centred_kernels(), attn)) < 1e-6
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_autotune_measures_the_centred_kernels(fresh_autotune, training):
+    """Timing every candidate (each layer measured, whatever its size) on the strategies' view."""
+    from dynconvert.layers import autotune
+
+    layer = DynamicStdConv2d.from_conv(make_conv("scaled", "3x3"), k=3, noise=0.3)
+    randomize_router(layer)
+    x = make_input(layer).requires_grad_(training)
+    ref_layer = copy.deepcopy(layer).double()
+    want = std_reference(ref_layer, x.detach().double())
+    with torch.set_grad_enabled(training):
+        out = layer.train(training)(x)
+    assert autotune.stats()["measurements"] > 0
+    assert rel_err(out, want) <= 1e-5
+    if training:
+        out.square().sum().backward()
+        want.square().sum().backward()
+        assert rel_err(layer.gain.grad, ref_layer.gain.grad) <= 1e-5
+        assert rel_err(layer.weight.grad, ref_layer.weight.grad) <= 1e-5
+
+
 def test_router_gets_a_gradient_at_the_start():
     conv = make_conv("scaled", "3x3")
     layer = DynamicStdConv2d.from_conv(conv, k=4)

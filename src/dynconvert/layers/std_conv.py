@@ -55,6 +55,8 @@ class _CentredKernels:
         self.bias = None
 
     def __getattr__(self, name: str) -> Any:
+        if name == "layer":  # a copy (autotune times a shallow one) before its __dict__ is set
+            raise AttributeError(name)
         return getattr(self.layer, name)
 
 
