@@ -43,10 +43,11 @@ class Case:
     # Train-mode BatchNorm over batch × (tiny) spatial values is ill-conditioned with very few
     # values (two values normalise to ±1); models that end at 1×1 tokens need a larger batch.
     batch: int = 2
+    channels: int = 3
 
     @property
     def input_size(self) -> tuple[int, int, int]:
-        return (3, self.size, self.size)
+        return (self.channels, self.size, self.size)
 
 
 def _vit(name: str, family: str, size: int = 64, fast: bool = True) -> Case:
@@ -64,6 +65,11 @@ CASES: list[Case] = [
     Case("ecaresnet26t", "resnet", fast=False),
     Case("seresnext26d_32x4d", "resnet", fast=False),
     Case("resnetv2_50", "resnet", fast=False),
+    # BiT ResNetV2 (StdConv2d), narrowed to stay small
+    Case(
+        "resnetv2_50x1_bit", "resnetv2", create={"channels": [128, 128, 256, 256], "stem_chs": 32}
+    ),
+    Case("resnetv2_50x1_bit", "resnetv2", fast=False),
     # RegNet
     Case("regnetx_002", "regnet"),
     Case("regnety_002", "regnet"),
@@ -111,8 +117,9 @@ CASES: list[Case] = [
     Case("resnest14d", "resnest"),
     # NFNet
     Case("nf_regnet_b0", "nfnet"),
-    Case("nf_resnet26", "nfnet", fast=False),  # only ScaledStdConv2d
-    Case("dm_nfnet_f0", "nfnet", fast=False),
+    Case("nf_resnet26", "nfnet"),  # ScaledStdConv2d
+    Case("dm_nfnet_f0", "nfnet", fast=False),  # ScaledStdConv2dSame
+    Case("nfnet_l0", "nfnet", fast=False),
     # hybrids with conv stems
     Case("coatnet_0_rw_224", "coatnet", 64, {"img_size": 64}, fast=False),
     Case("coatnet_nano_rw_224", "coatnet", 64, {"img_size": 64}),
@@ -127,6 +134,8 @@ CASES: list[Case] = [
     # plain ViTs: the patch embedding conv
     _vit("vit_tiny_patch16_224", "vit"),
     _vit("deit_tiny_patch16_224", "vit", fast=False),
+    # ViT hybrid: a BiT ResNetV2 backbone with StdConv2dSame
+    Case("vit_small_r26_s32_224", "vit", 64, {"img_size": 64}, fast=False),
     # more families
     Case("rexnet_100", "rexnet", batch=8, fast=False),
     Case("ese_vovnet19b_dw", "vovnet", fast=False),
@@ -211,7 +220,11 @@ class Result:
 
 def check(case: Case) -> Result:
     torch.manual_seed(0)
-    model = timm.create_model(case.name, pretrained=False, **case.create)
+    return check_model(timm.create_model(case.name, pretrained=False, **case.create), case)
+
+
+def check_model(model: nn.Module, case: Case) -> Result:
+    """Convert ``model`` (built for ``case``) in place; compare its outputs with the original's."""
     randomise_norms(model)
     x = torch.randn(case.batch, *case.input_size, generator=torch.Generator().manual_seed(2))
     before = outputs(model, x)

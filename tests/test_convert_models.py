@@ -13,7 +13,7 @@ from torch import nn
 import dynconvert
 from dynconvert import DynamicConvNd, DynconvertError
 from dynconvert.convert import ConvertConfig, swap_named
-from dynconvert.layers import DynamicConv2dSame
+from dynconvert.layers import DynamicConv2dSame, DynamicStdConv2d
 
 TOL = 1e-4
 
@@ -207,20 +207,29 @@ class TimmConvs(nn.Module):
         self.same = Conv2dSame(8, 16, 3, stride=2)
         self.same_dw = Conv2dSame(16, 16, 4, stride=2, groups=16, bias=False)
         self.std = StdConv2d(16, 16, 3, padding=1)
+        self.std_sub = _DoubledStdConv(16, 16, 3, padding=1)
 
     def forward(self, x):
-        return self.std(self.same_dw(self.same(self.stem(x))))
+        return self.std_sub(self.std(self.same_dw(self.same(self.stem(x)))))
+
+
+class _DoubledStdConv(StdConv2d):
+    """A subclass with its own forward: computes something else, so it must stay static."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
 
 
 @pytest.mark.parametrize("size", [(3, 17, 17), (3, 18, 21)])
-def test_conv2d_same_converts_exactly_and_std_conv_is_skipped(size):
+def test_conv2d_same_and_std_conv_convert_exactly_and_a_std_conv_subclass_is_skipped(size):
     model = TimmConvs()
     report = assert_same_function(model, torch.randn(2, *size), input_size=size)
     assert type(model.same) is DynamicConv2dSame and type(model.same_dw) is DynamicConv2dSame
-    assert (
-        row(report, "std").reason == "StdConv2d overrides forward(); no exact converter registered"
+    assert type(model.std) is DynamicStdConv2d
+    assert row(report, "std_sub").reason == (
+        "_DoubledStdConv overrides forward(); no exact converter registered"
     )
-    assert type(model.std) is StdConv2d
+    assert type(model.std_sub) is _DoubledStdConv
     fresh = TimmConvs()  # rebuilt by name, as dynconvert.load does
     swap_named(fresh, report.converted_names, ConvertConfig.from_dict(report.config))
     fresh.load_state_dict(model.state_dict(), strict=True)

@@ -110,6 +110,19 @@ def test_channels_last_input_matches_contiguous_and_the_convs_layout(case):
     assert err(xg.grad, x64.grad) <= 1e-5
 
 
+@pytest.mark.parametrize("kind", ["std", "std_same", "scaled", "scaled_same"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_weight_standardized_layers_match_float64_every_strategy(kind, batch, lean):
+    from test_std_conv import make_conv, make_input, randomize_router, std_reference
+
+    from dynconvert.layers import DynamicStdConv2d
+
+    layer = DynamicStdConv2d.from_conv(make_conv(kind, "strided"), k=3, noise=0.3)
+    randomize_router(layer)
+    check_every_strategy(layer, make_input(layer, batch), DEVICE, reference=std_reference)
+    assert on_device(layer)
+
+
 # -- 3. autocast --------------------------------------------------------------------------------
 
 

@@ -69,9 +69,11 @@ def strategies(batch: int) -> list[str]:
     return [s for s in STRATEGIES if not (s == "dense" and batch != 1)] + ["auto"]
 
 
-def check_every_strategy(layer: DynamicConvNd, x: torch.Tensor, device: str = "cpu") -> None:
+def check_every_strategy(
+    layer: DynamicConvNd, x: torch.Tensor, device: str = "cpu", reference=reference
+) -> None:
     """Every strategy of ``layer`` on ``device``, forward and backward, against the float64
-    per-sample reference computed on CPU (also used by test_cuda.py)."""
+    per-sample ``reference`` computed on CPU (also used by test_cuda.py, test_std_conv.py)."""
     ref_layer = copy.deepcopy(layer).double()
     x64 = x.double().requires_grad_()
     ref = reference(ref_layer, x64)

@@ -12,25 +12,46 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..layers import DynamicConv1d, DynamicConv2d, DynamicConv2dSame, DynamicConv3d, DynamicConvNd
+from ..layers import (
+    DynamicConv1d,
+    DynamicConv2d,
+    DynamicConv2dSame,
+    DynamicConv3d,
+    DynamicConvNd,
+    DynamicStdConv2d,
+)
 from .config import ConvertConfig
 
 Converter = Callable[[nn.Module, ConvertConfig, "torch.Generator | None"], DynamicConvNd]
 
 _CONVERTERS: dict[type[nn.Module], Converter] = {}
+_CARRIED: dict[type[nn.Module], tuple[str, ...]] = {}
+PLAIN_CONV_PARAMETERS = ("weight", "bias")
 
 
-def register_converter(conv_type: type[nn.Module], converter: Converter) -> None:
+def register_converter(
+    conv_type: type[nn.Module],
+    converter: Converter,
+    *,
+    carries: tuple[str, ...] = ("weight", "bias"),
+) -> None:
     """Register ``converter`` for modules whose type is exactly ``conv_type``.
 
     The converter must return a module that computes exactly what the conv computes (until
-    it is trained); the equality tests rely on it.
+    it is trained); the equality tests rely on it. ``carries`` names the parameters it
+    takes over; a conv with any other parameter is left static.
     """
     _CONVERTERS[conv_type] = converter
+    _CARRIED[conv_type] = tuple(carries)
 
 
 def converter_for(module: nn.Module) -> Converter | None:
     return _CONVERTERS.get(type(module))
+
+
+def carried_parameters(module: nn.Module) -> tuple[str, ...]:
+    """The parameter names the registered converter of ``module`` takes over."""
+    return _CARRIED.get(type(module), PLAIN_CONV_PARAMETERS)
 
 
 @torch.no_grad()
@@ -79,7 +100,17 @@ register_converter(nn.Conv3d, _from_conv(DynamicConv3d))
 
 try:  # timm is a dependency, but the layers must not need it
     from timm.layers import Conv2dSame as _TimmConv2dSame
+    from timm.layers import std_conv as _timm_std_conv
 except ImportError:  # pragma: no cover
-    _TimmConv2dSame = None
+    _TimmConv2dSame = _timm_std_conv = None
 if _TimmConv2dSame is not None:
     register_converter(_TimmConv2dSame, _from_conv(DynamicConv2dSame))
+if _timm_std_conv is not None:
+    # Weight-standardized convs (BiT ResNetV2, NF-ResNet, NFNet, ViT hybrids): exact types
+    # only, as for every converter; a later subclass stays static with its reason.
+    register_converter(_timm_std_conv.StdConv2d, _from_conv(DynamicStdConv2d))
+    register_converter(_timm_std_conv.StdConv2dSame, _from_conv(DynamicStdConv2d))
+    for _scaled in (_timm_std_conv.ScaledStdConv2d, _timm_std_conv.ScaledStdConv2dSame):
+        register_converter(
+            _scaled, _from_conv(DynamicStdConv2d), carries=("weight", "bias", "gain")
+        )

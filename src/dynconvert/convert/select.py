@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import DynconvertError
 from ..layers import DynamicConvNd
 from .config import ConvertConfig
-from .converters import Converter, converter_for
+from .converters import Converter, carried_parameters, converter_for
 from .discover import ConvSite
 
 
@@ -98,7 +98,7 @@ def _hook_reason(module: nn.Module) -> str | None:
     for attr in ("forward", "_conv_forward"):
         if attr in vars(module):
             return f"its {attr}() was replaced on the instance; a swap would drop it"
-    for attr in ("weight", "bias"):
+    for attr in carried_parameters(module):
         param = module._parameters.get(attr)
         if param is not None and (param._backward_hooks or param._post_accumulate_grad_hooks):
             return f"its {attr} has a gradient hook that a swap would drop"
@@ -113,7 +113,7 @@ def _structural_reason(
     module = site.module
     if id(module) in references:
         return f"also held in {references[id(module)]!r}, which a swap would not update"
-    for attr in ("weight", "bias"):
+    for attr in carried_parameters(module):
         param = module._parameters.get(attr)
         if param is None:
             continue
@@ -125,7 +125,7 @@ def _structural_reason(
     reason = _hook_reason(module)
     if reason:
         return reason
-    if module._parameters.keys() - {"weight", "bias"}:
+    if module._parameters.keys() - set(carried_parameters(module)):
         return "has extra parameters; only plain convs are converted"
     return None
 

@@ -13,7 +13,9 @@ created when the conv had none). The router reads the conv's input, which does n
 (:class:`dynconvert.convert.discover.ConvTracer`, which keeps convs, dynamic convs and timm's
 not-traceable modules as leaves), also keeping BatchNorms as leaves: the conv's output must
 be used by that BatchNorm only, each called exactly once, and neither's parameters read
-anywhere else. The BatchNorm is then replaced, in place under every name it has, by
+anywhere else. Weight-standardized convs (``DynamicStdConv2d``) are never folded: their
+forward normalises each kernel again, which would undo the BatchNorm's scale. The BatchNorm
+is then replaced, in place under every name it has, by
 ``nn.Identity`` (or, for timm's ``BatchNormAct2d``, by its dropout and activation, which it
 applies after normalising). The fold uses the running statistics, so it is for inference.
 """
@@ -29,7 +31,7 @@ from torch import nn
 from ..convert.discover import ConvTracer
 from ..convert.replace import swap_modules
 from ..errors import DynconvertError
-from ..layers import DynamicConvNd
+from ..layers import DynamicConvNd, DynamicStdConv2d
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,8 @@ def find_pairs(model: nn.Module, graph: fx.Graph) -> list[tuple[str, str]]:
         conv = model.get_submodule(node.target)
         if not isinstance(conv, DynamicConvNd) or len(node.users) != 1:
             continue
+        if isinstance(conv, DynamicStdConv2d):
+            continue  # its kernels are standardized: a BatchNorm's scale cannot go into them
         (user,) = node.users
         if user.op != "call_module" or user.args != (node,) or user.kwargs:
             continue

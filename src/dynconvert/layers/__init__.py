@@ -9,6 +9,7 @@ from .dynamic_conv import (
     DynamicConvNd,
     zero_sum_kernels,
 )
+from .std_conv import DynamicStdConv2d
 from .strategies import STRATEGIES, select_strategy
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "DynamicConv2dSame",
     "DynamicConv3d",
     "DynamicConvNd",
+    "DynamicStdConv2d",
     "KernelAttention",
     "select_strategy",
     "zero_sum_kernels",

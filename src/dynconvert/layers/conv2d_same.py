@@ -23,6 +23,19 @@ def same_pad_amount(size: int, kernel: int, stride: int, dilation: int) -> int:
     return torch.sym_max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
 
 
+def pad_tf_same(
+    x: torch.Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> torch.Tensor:
+    """Pad ``x`` as timm's ``pad_same`` does: TF 'SAME', the odd pixel on the bottom/right."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
+    pad_h = same_pad_amount(x.shape[-2], kh, sh, dh)
+    pad_w = same_pad_amount(x.shape[-1], kw, sw, dw)
+    return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+
+
 class DynamicConv2dSame(DynamicConv2d):
     """``DynamicConv2d`` that pads like timm's ``Conv2dSame`` (TF 'SAME', decided per input).
 
@@ -97,10 +110,7 @@ class DynamicConv2dSame(DynamicConv2d):
 
     def pad_input(self, x: torch.Tensor) -> torch.Tensor:
         """timm's dynamic 'same' padding, computed from this input's size."""
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        pad_h = same_pad_amount(x.shape[-2], kh, sh, dh)
-        pad_w = same_pad_amount(x.shape[-1], kw, sw, dw)
-        return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        return pad_tf_same(x, self.kernel_size, self.stride, self.dilation)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", padding='tf_same'"

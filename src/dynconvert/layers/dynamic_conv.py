@@ -331,8 +331,12 @@ class DynamicConvNd(nn.Module):
             attn = self.attention(x)
             x = self.pad_input(x)
             layout = output_memory_format(x)  # of the padded input, as for nn.Conv2d's own pad
-            out = run_strategy(self, x, attn).contiguous(memory_format=layout)
+            out = self.conv_output(x, attn).contiguous(memory_format=layout)
         return out.squeeze(0) if unbatched else out
+
+    def conv_output(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The dynamic conv of the padded input ``x`` for attention ``(B, K)``."""
+        return run_strategy(self, x, attn)
 
     def _empty_output(self, x: torch.Tensor) -> torch.Tensor:
         """A batch of 0 has no attention to mix by: the conv's empty output, kept in the graph."""

@@ -78,6 +78,9 @@ def usable(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> bool:
         _AVAILABLE
         and torch.backends.mkldnn.enabled
         and layer.dims == 2
+        # A kernel tensor computed in each forward (weight-standardized convs) would be
+        # repacked on every call: the cache below is keyed on the parameter.
+        and isinstance(layer.weight, torch.nn.Parameter)
         and x.device.type == "cpu"
         and x.dtype == layer.weight.dtype == attn.dtype == torch.float32
         and not recording(x, layer.weight, attn, layer.bias)

@@ -1,0 +1,281 @@
+"""Sweep dynconvert.convert over every model of ``timm.list_models()``, one subprocess each.
+
+Each model is built at random init (``pretrained=False``), at a small input where it allows
+(``img_size=SIZE`` if its constructor takes it, else SIZE×SIZE, else its default input size),
+and checked as ``timm_coverage.check`` checks a case: BatchNorm statistics randomised, eval-
+and train-mode outputs compared before and after conversion (max |after − before| / max
+|before| ≤ 1e-4). The stem is converted too (``skip_stem=False``): the sweep measures which
+convs *can* be converted, not the default policy. Every model runs in its own process, under
+a wall-clock timeout and an address-space limit, and adds one JSON line to OUT:
+
+    {"name", "family", "status", "detail", "converted", "convs", "max_rel_error", "seconds",
+     "input_size", "batch", "skip_reasons"}
+
+A model not exact at batch 2 is checked again at batch 16 (``batch`` says which counted):
+train-mode BatchNorm over two samples of a tiny map is ill-conditioned.
+``status`` is ``converted-exact``, ``converted-with-skips`` (exact; some convs left static,
+see ``skip_reasons``), ``nothing-to-convert`` (no conv at all), ``refused`` (convs, none
+convertible; ``detail`` says why), ``failed`` (``detail``: the error's first line, or the
+error that was too large) or ``timeout``. Names already in OUT are skipped, so an interrupted
+run continues where it stopped.
+
+    HF_HUB_OFFLINE=1 python benchmarks/timm_sweep.py --all --out sweep.jsonl --jobs 4
+    HF_HUB_OFFLINE=1 python benchmarks/timm_sweep.py resnet18 nf_resnet26 --out some.jsonl
+    python benchmarks/timm_sweep.py --table sweep.jsonl > docs/timm_sweep.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+RETRY_BATCH = 16  # for a model not exact at batch 2 (see run_one)
+STATUSES = ("converted-exact", "converted-with-skips", "nothing-to-convert", "refused", "failed",
+            "timeout")  # fmt: skip
+
+
+def family_of(name: str) -> str:
+    """The timm module a model comes from: ``timm.models.resnetv2`` → ``resnetv2``."""
+    import timm
+
+    return timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+# -- one model (in the child process) --------------------------------------------------------
+
+
+def _build(name: str, size: int):
+    """The model and its case, at the smallest input it accepts among the candidates."""
+    import timm
+    import torch
+    from timm_coverage import Case
+
+    attempts = [({"img_size": size}, size), ({}, size), ({}, None)]
+    last: Exception | None = None
+    for create, side in attempts:
+        try:
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False, **create).eval()
+        except Exception as exc:  # e.g. no img_size argument: try the next candidate
+            last = exc
+            continue
+        if side is None:
+            side = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+        channels = model.pretrained_cfg.get("input_size", (3,))[0]
+        try:
+            with torch.no_grad():
+                model(torch.randn(2, channels, side, side))
+        except Exception as exc:  # too small for this model: try the next candidate
+            last = exc
+            continue
+        return model, Case(name, family_of(name), side, create, {"skip_stem": False},
+                           channels=channels)  # fmt: skip
+    raise RuntimeError(f"no input size works: {first_line(last)}")
+
+
+def run_one(name: str, size: int, tolerance: float) -> dict:
+    import timm
+    import timm_coverage
+    import torch
+
+    import dynconvert
+
+    start = time.perf_counter()
+    row = {"name": name, "family": family_of(name), "status": "failed", "detail": None,
+           "converted": 0, "convs": None, "max_rel_error": None, "input_size": None,
+           "skip_reasons": {}}  # fmt: skip
+    try:
+        model, case = _build(name, size)
+        row["input_size"] = list(case.input_size)
+        result = timm_coverage.check_model(model, case)
+        if max(result.errors.values()) > tolerance:
+            # Train-mode BatchNorm over batch 2 x a tiny map normalises a handful of values
+            # (two normalise to ±1): ill-conditioned, not inexact. Once more at batch 16.
+            case = dataclasses.replace(case, batch=RETRY_BATCH)
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False, **case.create)
+            result = timm_coverage.check_model(model, case)
+        row["batch"] = case.batch
+    except dynconvert.DynconvertError as exc:
+        message = str(exc)
+        if "no convolution to convert" in message:
+            row.update(status="nothing-to-convert", convs=0)
+        else:
+            counts = timm_coverage.skipped_reasons(case)
+            row.update(status="refused", detail=message, convs=sum(counts.values()),
+                       skip_reasons=counts)  # fmt: skip
+    except Exception as exc:
+        row["detail"] = first_line(exc)
+    else:
+        totals, error = result.report.totals, max(result.errors.values())
+        reasons = result.report.skip_reasons()
+        row.update(converted=totals["converted"], convs=totals["convs"], max_rel_error=error,
+                   skip_reasons=reasons)  # fmt: skip
+        if error > tolerance:
+            row["detail"] = f"not exact: max rel error {error:.2e} > {tolerance:.0e}"
+        else:
+            row["status"] = "converted-with-skips" if reasons else "converted-exact"
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+# -- the sweep (parent) ------------------------------------------------------------------------
+
+
+def done_names(out: Path) -> set[str]:
+    if not out.exists():
+        return set()
+    names = set()
+    for line in out.read_text().splitlines():
+        try:
+            names.add(json.loads(line)["name"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut off by a kill: that model runs again
+    return names
+
+
+def _limit_memory(gigabytes: float):
+    def apply() -> None:
+        limit = int(gigabytes * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return apply
+
+
+def sweep_one(name: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--one", name, "--size", str(args.size),
+               "--tolerance", str(args.tolerance)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
+    start = time.perf_counter()
+    base = {"name": name, "family": None, "converted": 0, "convs": None, "max_rel_error": None,
+            "input_size": None, "skip_reasons": {}}  # fmt: skip
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
+                              env=env, preexec_fn=_limit_memory(args.memory_gb))  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {**base, "status": "timeout", "detail": f"over {args.timeout} s",
+                "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    err = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    detail = err[-1][:300] if err else f"exit code {proc.returncode}"
+    if proc.returncode < 0:
+        detail = f"killed by signal {-proc.returncode} (memory limit {args.memory_gb} GB?)"
+    return {**base, "status": "failed", "detail": detail,
+            "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+
+
+def sweep(names: list[str], args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    skip = done_names(out)
+    todo = [n for n in names if n not in skip]
+    print(f"{len(names)} models, {len(names) - len(todo)} already in {out}, {len(todo)} to run",
+          file=sys.stderr)  # fmt: skip
+    with out.open("a") as sink, ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for i, row in enumerate(pool.map(lambda n: sweep_one(n, args), todo), 1):
+            if row.get("family") is None:
+                row["family"] = family_of(row["name"])
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+            os.fsync(sink.fileno())
+            print(f"[{i}/{len(todo)}] {row['name']}: {row['status']}"
+                  f"{' (' + row['detail'] + ')' if row.get('detail') else ''} {row['seconds']}s",
+                  file=sys.stderr)  # fmt: skip
+
+
+# -- the table -------------------------------------------------------------------------------
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def table(path: Path) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by_family: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_family[row["family"]].append(row)
+    counts = Counter(row["status"] for row in rows)
+    lines = [f"# dynconvert over timm: {len(rows)} models", "",
+             ", ".join(f"{counts[s]} {s}" for s in STATUSES), "",
+             "| family | models | exact | exact, some skipped | nothing to convert | refused "
+             "| failed | timeout | skip reasons (convs) |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for family in sorted(by_family):
+        members = by_family[family]
+        status = Counter(row["status"] for row in members)
+        reasons: Counter = Counter()
+        for row in members:
+            reasons.update(row.get("skip_reasons") or {})
+        shown = "; ".join(f"{n}× {r}" for r, n in reasons.most_common())
+        cells = [family, len(members), *(status[s] for s in STATUSES), _cell(shown)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    for family in sorted(by_family):
+        others = [r for r in by_family[family] if r["status"] != "converted-exact"]
+        if not others:
+            continue
+        lines += ["", f"## {family}", "", "| model | status | converted/convs | detail |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for row in sorted(others, key=lambda r: r["name"]):
+            detail = row.get("detail") or "; ".join(
+                f"{n}× {r}" for r, n in (row.get("skip_reasons") or {}).items()
+            )
+            lines.append(f"| {row['name']} | {row['status']} | {row['converted']}/"
+                         f"{row['convs'] if row['convs'] is not None else '?'} | "
+                         f"{_cell(detail or '')} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", help="model names (or --all)")
+    parser.add_argument("--all", action="store_true", help="every name in timm.list_models()")
+    parser.add_argument("--out", default="timm_sweep.jsonl", help="JSONL file, appended to")
+    parser.add_argument("--table", metavar="JSONL", help="print the markdown tables of a sweep")
+    parser.add_argument("--size", type=int, default=64, help="input side tried first")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per model")
+    parser.add_argument("--memory-gb", type=float, default=24, help="address space per model")
+    parser.add_argument("--jobs", type=int, default=1, help="models run at once")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per model")
+    parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--one", metavar="NAME", help=argparse.SUPPRESS)  # the child process
+    args = parser.parse_args()
+    if args.one:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        print(json.dumps(run_one(args.one, args.size, args.tolerance)))
+        return
+    if args.table:
+        print(table(Path(args.table)))
+        return
+    if not args.all and not args.models:
+        parser.error("give model names, --all or --table JSONL")
+    import timm
+
+    names = sorted(timm.list_models()) if args.all else args.models
+    unknown = [n for n in names if n not in set(timm.list_models())]
+    if unknown:
+        parser.error(f"not timm models: {', '.join(unknown)}")
+    if args.threads <= 0:
+        args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    sweep(names, args)
+
+
+if __name__ == "__main__":
+    main()
