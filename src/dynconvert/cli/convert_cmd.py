@@ -37,7 +37,7 @@ from .model_request import (
     is_saved_file,
     prepare_model,
 )
-from .params import architecture_option, input_size
+from .params import architecture_option, input_size_option
 
 AfterConvert = Callable[[nn.Module, Any], nn.Module]
 
@@ -65,8 +65,7 @@ def conversion_options(command: Callable) -> Callable:
         click.option("--strategy", type=click.Choice(["auto", *STRATEGIES]), default="auto",
                      show_default=True,
                      help="Forward strategy of the dynamic layers ('dense': batch 1 only)."),
-        click.option("--input-size", type=input_size(), default=None, metavar="[C,]H[,W]",
-                     help="Input size for shapes and MACs (default: the model's)."),
+        input_size_option("Input size for shapes and MACs (default: the model's)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the kernel perturbation."),
     ]  # fmt: skip

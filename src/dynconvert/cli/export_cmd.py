@@ -20,18 +20,27 @@ from .params import (
     build_architecture,
     check_model_path,
     load_saved,
-    sample_shape,
+    full_input_size,
+    input_size_option,
 )
 
 _FORMAT_NAMES = ("pt2", "onnx", "torchscript")
 
 
 def _format_name(format_name: str | None, out: Path) -> str:
-    from ..export.formats import format_for_suffix
+    from ..export.formats import FORMATS, format_for_suffix
 
-    if format_name is not None:
-        return format_name.lower()
     guessed = format_for_suffix(out)
+    if format_name is not None:
+        name = format_name.lower()
+        if guessed is not None and guessed != name:
+            # refused, not warned: the file would be opened as the format its suffix names
+            raise DynconvertError(
+                f"--format {name} does not match --out {out.name}, whose suffix names "
+                f"{guessed}; give --out a {FORMATS[name].suffix} suffix or --format {guessed}",
+                usage=True,
+            )
+        return name
     if guessed is None:
         raise DynconvertError(
             f"--format is needed: {out.name} does not end in .pt2, .onnx or .ts "
@@ -63,13 +72,7 @@ def _check_opset(name: str, opset: int) -> None:
     required=True,
     help="File to write.",
 )
-@click.option(
-    "--input-size",
-    type=sample_shape(),
-    default=None,
-    metavar="C,H,W",
-    help="One sample's shape (default: the timm model's data config).",
-)
+@input_size_option("One sample's shape (default: the timm model's data config).")
 @click.option(
     "--verify/--no-verify",
     default=True,
@@ -119,7 +122,7 @@ def export_command(
         model,
         out,
         name,
-        input_size=input_size,
+        input_size=full_input_size(input_size, model),
         verify=verify,
         fold_bn=fold_bn,
         opset=opset,

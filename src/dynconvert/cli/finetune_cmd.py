@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import DynconvertError
 from ..ranks import is_main_process
+from .params import InputSize, square_image_size
 
 # click option name -> FinetuneOptions field (None: handled by the command itself).
 _FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
@@ -50,7 +51,10 @@ _FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--seed",), {"type": int}),
     (("--num-workers",), {"type": int}),
     (("--train-subset",), {"type": int, "help": "train on N images (quick runs)."}),
-    (("--input-size",), {"type": int, "help": "square input size for folder data."}),
+    (("--allow-empty-classes",), {"is_flag": True, "default": None,
+                                  "help": "keep class folders without images as classes."}),  # fmt: skip
+    (("--input-size",), {"type": InputSize(), "metavar": "N|3,N,N",
+                         "help": "square input size for folder data."}),  # fmt: skip
     (("--checkpoint",), {"type": click.Path(path_type=Path), "help": "default: OUT.ckpt"}),
     (("--checkpoint-every",), {"type": int, "help": "also checkpoint every N iterations."}),
     (("--resume",), {"type": click.Path(path_type=Path), "help": "continue from a checkpoint."}),
@@ -102,8 +106,6 @@ def pop_pipeline_flags(options: dict[str, Any]) -> dict[str, Any] | None:
     flags = {name: options.pop(name) for name in (*PIPELINE_FLAGS, "train_checkpoint")}
     flags["checkpoint"] = flags.pop("train_checkpoint")
     flags["seed"] = options.get("seed")
-    size = options.get("input_size")
-    flags["input_size"] = size[-1] if size else None
     if flags["data"] is None and flags["recipe"] is None:
         given = [k for k in PIPELINE_FLAGS if k != "progress" and flags.get(k) is not None]
         if given:
@@ -111,6 +113,7 @@ def pop_pipeline_flags(options: dict[str, Any]) -> dict[str, Any] | None:
                 f"--{given[0].replace('_', '-')} needs --data DIR to fine-tune on", usage=True
             )
         return None
+    flags["input_size"] = square_image_size(options.get("input_size"))
     collect_options(dict(flags))  # recipe and flag errors before the slow conversion
     return flags
 
@@ -169,9 +172,11 @@ def check_run(flags: dict[str, Any], out: Path, inputs: tuple[Path | None, ...] 
     """
     from .. import io
     from ..finetune.data import scan_image_folder, split_folders
+    from ..finetune.distributed import resolve_device
     from ..finetune.plot import check_plot_path
 
     options, recipe, data = collect_options(flags)
+    resolve_device(options.get("device"))  # a bad --device is bad usage, said before the run
     files_read = (*inputs, flags.get("recipe"))
     io.check_output_path(out, (*files_read, options.get("resume")))
     options.setdefault("checkpoint", str(out.with_suffix(".ckpt")))
@@ -182,7 +187,8 @@ def check_run(flags: dict[str, Any], out: Path, inputs: tuple[Path | None, ...] 
     if options.get("plot") is not None:
         check_plot_path(options["plot"])
     train_root, val_root = split_folders(data)
-    classes, _, _ = scan_image_folder(train_root, "train")
+    allow_empty = bool(options.get("allow_empty_classes"))
+    classes, _, _ = scan_image_folder(train_root, "train", allow_empty_classes=allow_empty)
     wanted = flags.get("num_classes")
     if wanted is not None and wanted != len(classes):
         raise DynconvertError(
@@ -307,6 +313,7 @@ def finetune_command(model_file, spec, weights, out, **flags) -> None:
     dynconvert finetune --model pkg.mod:net --weights w.pth --data DIR --out ft.pt
     torchrun --nproc_per_node 4 -m dynconvert finetune model.pt --data DIR --out ft.pt
     """
+    flags["input_size"] = square_image_size(flags["input_size"])
     plan = check_run(flags, out, (model_file, weights))  # before anything is loaded
     recipe = plan.recipe
     if model_file is None and spec is None and recipe.model.get("name"):

@@ -15,7 +15,13 @@ import click
 
 from ..errors import DynconvertError
 from .convert_cmd import conversion_options, explicit_options, show_report
-from .model_request import CONVERSION_OPTIONS, ModelRequest, is_saved_file, prepare_model
+from .model_request import (
+    CONVERSION_OPTIONS,
+    ModelRequest,
+    check_model_argument,
+    is_saved_file,
+    prepare_model,
+)
 from .params import architecture_option, build_architecture, check_model_path
 
 
@@ -80,6 +86,7 @@ def inspect_command(
     """
     from dynconvert.io import check_output_path
 
+    check_model_argument(model)
     if json_path is not None:
         check_output_path(json_path, (Path(model) if is_saved_file(model) else None,))
     explicit = explicit_options(ctx, CONVERSION_OPTIONS)
