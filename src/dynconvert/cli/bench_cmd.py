@@ -21,7 +21,7 @@ import click
 
 from ..errors import DynconvertError, first_line
 from ..layers import STRATEGIES
-from .params import architecture_option, full_input_size, input_size_option
+from .params import FilePath, architecture_option, full_input_size, input_size_option
 
 
 def _mib(n: int) -> str:
@@ -168,7 +168,7 @@ def _table(result: dict):
               "moved there).")  # fmt: skip
 @click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None,
               help="Autocast dtype of the timed passes and the step [default: none].")  # fmt: skip
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--json", "json_path", type=FilePath(dir_okay=False, path_type=Path),
               help="Also write the figures as JSON.")  # fmt: skip
 @architecture_option
 @click.pass_context

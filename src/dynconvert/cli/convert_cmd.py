@@ -37,7 +37,7 @@ from .model_request import (
     is_saved_file,
     prepare_model,
 )
-from .params import architecture_option, input_size_option
+from .params import FilePath, architecture_option, input_size_option
 
 AfterConvert = Callable[[nn.Module, Any], nn.Module]
 
@@ -164,7 +164,7 @@ def run_convert(
 @click.option(
     "--out",
     "-o",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FilePath(dir_okay=False, path_type=Path),
     default=None,
     help="Where to save the converted model (one file).",
 )
@@ -174,7 +174,7 @@ def run_convert(
 @click.option(
     "--json",
     "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FilePath(dir_okay=False, path_type=Path),
     default=None,
     help="Also write the report as JSON to this file.",
 )
@@ -186,7 +186,7 @@ def run_convert(
 )
 @click.option(
     "--checkpoint",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FilePath(dir_okay=False, path_type=Path),
     default=None,
     help="Start from the weights in this local timm/torch checkpoint instead (for "
     "package.module:function, its state dict).",

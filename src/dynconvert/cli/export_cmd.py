@@ -16,12 +16,13 @@ import click
 
 from ..errors import DynconvertError
 from .params import (
+    FilePath,
     architecture_option,
     build_architecture,
     check_model_path,
-    load_saved,
     full_input_size,
     input_size_option,
+    load_saved,
 )
 
 _FORMAT_NAMES = ("pt2", "onnx", "torchscript")
@@ -58,7 +59,7 @@ def _check_opset(name: str, opset: int) -> None:
 
 
 @click.command("export")
-@click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model_file", type=FilePath(dir_okay=False, path_type=Path))
 @click.option(
     "--format",
     "format_name",
@@ -68,7 +69,7 @@ def _check_opset(name: str, opset: int) -> None:
 )
 @click.option(
     "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FilePath(dir_okay=False, path_type=Path),
     required=True,
     help="File to write.",
 )

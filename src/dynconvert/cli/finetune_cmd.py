@@ -18,12 +18,14 @@ from torch import nn
 
 from ..errors import DynconvertError
 from ..ranks import is_main_process
-from .params import InputSize, square_image_size
+from .params import FilePath, InputSize, square_image_size
 
+_EMPTY_CLASSES = "keep class folders without images (still classes of the head)."
+_SQUARE_SIZE = "square input size for folder data: N, or 3,N,N."
 # click option name -> FinetuneOptions field (None: handled by the command itself).
 _FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
-    (("--data",), {"type": click.Path(path_type=Path), "help": "DIR with train/ and val/."}),
-    (("--recipe",), {"type": click.Path(path_type=Path), "help": "YAML recipe; flags override."}),
+    (("--data",), {"type": FilePath(path_type=Path), "help": "DIR with train/ and val/."}),
+    (("--recipe",), {"type": FilePath(path_type=Path), "help": "YAML recipe; flags override."}),
     (("--epochs",), {"type": int}),
     (("--batch-size",), {"type": int}),
     (("--optimizer",), {"type": click.Choice(["sgd", "adamw"])}),
@@ -51,15 +53,13 @@ _FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--seed",), {"type": int}),
     (("--num-workers",), {"type": int}),
     (("--train-subset",), {"type": int, "help": "train on N images (quick runs)."}),
-    (("--allow-empty-classes",), {"is_flag": True, "default": None,
-                                  "help": "keep class folders without images as classes."}),  # fmt: skip
-    (("--input-size",), {"type": InputSize(), "metavar": "N|3,N,N",
-                         "help": "square input size for folder data."}),  # fmt: skip
-    (("--checkpoint",), {"type": click.Path(path_type=Path), "help": "default: OUT.ckpt"}),
+    (("--allow-empty-classes",), {"is_flag": True, "default": None, "help": _EMPTY_CLASSES}),
+    (("--input-size",), {"type": InputSize(), "metavar": "N|3,N,N", "help": _SQUARE_SIZE}),
+    (("--checkpoint",), {"type": FilePath(path_type=Path), "help": "default: OUT.ckpt"}),
     (("--checkpoint-every",), {"type": int, "help": "also checkpoint every N iterations."}),
-    (("--resume",), {"type": click.Path(path_type=Path), "help": "continue from a checkpoint."}),
-    (("--plot",), {"type": click.Path(path_type=Path), "help": "write curves (PNG) here."}),
-    (("--num-classes",), {"type": int, "help": "reset the head to this many classes."}),
+    (("--resume",), {"type": FilePath(path_type=Path), "help": "continue from a checkpoint."}),
+    (("--plot",), {"type": FilePath(path_type=Path), "help": "write curves (PNG) here."}),
+    (("--num-classes",), {"type": click.IntRange(min=1), "help": "reset the head to N classes."}),
     (("--progress/--no-progress",), {"default": True}),
 ]
 _NOT_OPTIONS = {"data", "recipe", "num_classes", "distill"}
@@ -95,7 +95,7 @@ def pipeline_options(command: Callable) -> Callable:
     """The fine-tuning flags of ``dynconvert MODEL --data DIR ...`` (convert → fine-tune → save),
     plus ``--train-checkpoint``."""
     command = click.option(
-        "--train-checkpoint", type=click.Path(path_type=Path), help="default: OUT.ckpt"
+        "--train-checkpoint", type=FilePath(path_type=Path), help="default: OUT.ckpt"
     )(command)
     return training_options(command, skip=PIPELINE_SKIP)
 
@@ -297,10 +297,10 @@ def load_model(model_file: Path | None, spec: str | None, weights: Path | None) 
 
 
 @click.command("finetune")
-@click.argument("model_file", required=False, type=click.Path(path_type=Path))
+@click.argument("model_file", required=False, type=FilePath(path_type=Path))
 @click.option("--model", "spec", help="package.module:function building your model.")
-@click.option("--weights", type=click.Path(path_type=Path), help="state dict for --model.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="where to save.")
+@click.option("--weights", type=FilePath(path_type=Path), help="state dict for --model.")
+@click.option("--out", required=True, type=FilePath(path_type=Path), help="where to save.")
 @training_options
 def finetune_command(model_file, spec, weights, out, **flags) -> None:
     """Fine-tune a converted model on an ImageFolder DIR (train/ and val/).

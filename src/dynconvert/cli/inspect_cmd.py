@@ -22,7 +22,7 @@ from .model_request import (
     is_saved_file,
     prepare_model,
 )
-from .params import architecture_option, build_architecture, check_model_path
+from .params import FilePath, architecture_option, build_architecture, check_model_path
 
 
 def _describe_file(data: dict[str, Any]) -> str:
@@ -64,7 +64,7 @@ def _file_report(path: Path, architecture: str | None):
 @click.option(
     "--json",
     "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FilePath(dir_okay=False, path_type=Path),
     default=None,
     help="Also write the report as JSON to this file.",
 )

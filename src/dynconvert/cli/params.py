@@ -21,6 +21,16 @@ ARCHITECTURE_HELP = (
 )
 
 
+class FilePath(click.Path):
+    """``click.Path`` that refuses an empty string: ``Path("")`` is the current folder, which
+    would be read as the data, the model or the place to write."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; give a path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 INPUT_SIZE_FORMS = "N (one positive int: N×N images, e.g. 224) or C,H,W (three, e.g. 3,224,224)"
 _POSITIVE_INT = re.compile(r"[1-9][0-9]*")
 

@@ -195,12 +195,14 @@ def validate(decisions: list[Decision], config: ConvertConfig) -> None:
         for d in decisions:
             reasons[d.reason] = reasons.get(d.reason, 0) + 1
         summary = "; ".join(f"{n}× {r}" for r, n in sorted(reasons.items(), key=lambda x: -x[1]))
-        dynamic = reasons.get(ALREADY_DYNAMIC, 0)
+        dynamic = reasons.pop(ALREADY_DYNAMIC, 0)
         if dynamic:  # a second conversion: suggesting skip_stem=False would mislead
+            rest = "; ".join(f"{n}× {r}" for r, n in reasons.items())
+            rest = f", {len(decisions) - dynamic} skipped: {rest}" if rest else ""
             raise DynconvertError(
-                f"the model is already dynamic: {dynamic} of its {len(decisions)} convolutions "
-                f"are dynamic convs and nothing else is left to convert ({summary}); convert "
-                "the original static model instead",
+                f"the model is already dynamic (convolutions: {dynamic} already dynamic{rest}); "
+                "it needs no second conversion: to convert anew, start from the original "
+                "static model",
                 usage=True,
             )
         hint = (

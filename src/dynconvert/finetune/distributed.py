@@ -70,9 +70,7 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise DynconvertError(f"device: dynconvert runs on cpu or cuda, not {name!r}", usage=True)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DynconvertError(
-            "device: cuda was asked for but no CUDA GPU is available", usage=True
-        )
+        raise DynconvertError("device: cuda was asked for but no CUDA GPU is available", usage=True)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     if device.type == "cuda" and device.index >= (count := torch.cuda.device_count()):

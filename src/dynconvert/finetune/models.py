@@ -209,8 +209,7 @@ def load_user_model(spec: str, weights: str | Path | None = None) -> nn.Module:
     # command must not end as if it had succeeded. Ctrl-C (KeyboardInterrupt) still interrupts.
     except (Exception, SystemExit) as exc:
         raise DynconvertError(
-            f"model: {spec}() raised {_raised(exc)}; fix it (rerun with --debug for the "
-            "traceback)"
+            f"model: {spec}() raised {_raised(exc)}; fix it (rerun with --debug for the traceback)"
         ) from exc
     if not isinstance(model, nn.Module):
         raise DynconvertError(
