@@ -331,3 +331,16 @@ def test_export_format_that_contradicts_the_suffix(tmp_path, saved, capsys, fmt,
     assert code == 2
     assert_one_line_error(err, f"--format {fmt} does not match --out {out}", f"names {named}")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", ["--out", "--plot", "--checkpoint"])
+def test_finetune_output_that_is_a_folder_is_bad_usage(tmp_path, saved, capsys, option):
+    data = make_data_dir(tmp_path / "data", per_class=2)
+    folder = tmp_path / "somewhere"
+    folder.mkdir()
+    paths = {"--out": tmp_path / "ft.pt", option: folder}
+    options = [str(part) for flag, path in paths.items() for part in (flag, path)]
+    code, _, err = run(capsys, "finetune", saved, "--data", data, *options)
+    assert code == 2
+    assert_one_line_error(err, option, "is a directory")
+    assert list(folder.iterdir()) == [] and not (tmp_path / "ft.pt").exists()

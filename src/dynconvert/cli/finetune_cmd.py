@@ -20,6 +20,7 @@ from ..errors import DynconvertError
 from ..ranks import is_main_process
 from .params import FilePath, InputSize, square_image_size
 
+_FILE_TO_WRITE = FilePath(dir_okay=False, path_type=Path)  # a folder is bad usage (exit 2)
 _EMPTY_CLASSES = "keep class folders without images (still classes of the head)."
 _SQUARE_SIZE = "square input size for folder data: N, or 3,N,N."
 # click option name -> FinetuneOptions field (None: handled by the command itself).
@@ -55,10 +56,10 @@ _FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--train-subset",), {"type": int, "help": "train on N images (quick runs)."}),
     (("--allow-empty-classes",), {"is_flag": True, "default": None, "help": _EMPTY_CLASSES}),
     (("--input-size",), {"type": InputSize(), "metavar": "N|3,N,N", "help": _SQUARE_SIZE}),
-    (("--checkpoint",), {"type": FilePath(path_type=Path), "help": "default: OUT.ckpt"}),
+    (("--checkpoint",), {"type": _FILE_TO_WRITE, "help": "default: OUT.ckpt"}),
     (("--checkpoint-every",), {"type": int, "help": "also checkpoint every N iterations."}),
     (("--resume",), {"type": FilePath(path_type=Path), "help": "continue from a checkpoint."}),
-    (("--plot",), {"type": FilePath(path_type=Path), "help": "write curves (PNG) here."}),
+    (("--plot",), {"type": _FILE_TO_WRITE, "help": "write curves (PNG) here."}),
     (("--num-classes",), {"type": click.IntRange(min=1), "help": "reset the head to N classes."}),
     (("--progress/--no-progress",), {"default": True}),
 ]
@@ -94,9 +95,9 @@ PIPELINE_FLAGS = tuple(
 def pipeline_options(command: Callable) -> Callable:
     """The fine-tuning flags of ``dynconvert MODEL --data DIR ...`` (convert → fine-tune → save),
     plus ``--train-checkpoint``."""
-    command = click.option(
-        "--train-checkpoint", type=FilePath(path_type=Path), help="default: OUT.ckpt"
-    )(command)
+    command = click.option("--train-checkpoint", type=_FILE_TO_WRITE, help="default: OUT.ckpt")(
+        command
+    )
     return training_options(command, skip=PIPELINE_SKIP)
 
 
@@ -300,7 +301,7 @@ def load_model(model_file: Path | None, spec: str | None, weights: Path | None) 
 @click.argument("model_file", required=False, type=FilePath(path_type=Path))
 @click.option("--model", "spec", help="package.module:function building your model.")
 @click.option("--weights", type=FilePath(path_type=Path), help="state dict for --model.")
-@click.option("--out", required=True, type=FilePath(path_type=Path), help="where to save.")
+@click.option("--out", required=True, type=_FILE_TO_WRITE, help="where to save.")
 @training_options
 def finetune_command(model_file, spec, weights, out, **flags) -> None:
     """Fine-tune a converted model on an ImageFolder DIR (train/ and val/).
