@@ -88,6 +88,7 @@ DATA_SCHEMA: dict[str, tuple[type, ...]] = {
     "crop_pct": _OPT_NUM,
     "train_augment": (str,),
     "train_subset": _OPT_INT,
+    "allow_empty_classes": (bool,),
     "num_workers": (int,),
 }
 

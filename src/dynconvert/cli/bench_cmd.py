@@ -21,7 +21,7 @@ import click
 
 from ..errors import DynconvertError, first_line
 from ..layers import STRATEGIES
-from .params import architecture_option, sample_shape
+from .params import FilePath, architecture_option, full_input_size, input_size_option
 
 
 def _mib(n: int) -> str:
@@ -98,13 +98,14 @@ def _measure(model_spec, pair, batch, input_size, k, rounds, train, memory, stra
         torch.cuda.set_device(device)  # cuda_sync and the allocator act on the current device
     static, dynamic, convert_s = (pair[0].to(device), pair[1].to(device), pair[2])
     dtype, sync = AMP_DTYPES.get(amp), bm.cuda_sync(device)
+    input_size = full_input_size(input_size, static)
     x = bm.input_for(static, batch, input_size)
     try:
         with torch.no_grad():
             static.eval()(x)
     except RuntimeError as exc:
         raise DynconvertError(
-            f"{model_spec} does not run on input {tuple(x.shape)}: {exc}; pass --input-size C H W",
+            f"{model_spec} does not run on input {tuple(x.shape)}: {exc}; pass --input-size C,H,W",
             usage=True,
         ) from exc
     result: dict = {"model": model_spec, "device": bm.device_name(device), "amp": amp}
@@ -154,8 +155,7 @@ def _table(result: dict):
 @click.command("bench")
 @click.argument("model")
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--input-size", type=sample_shape(), default=None, metavar="C,H,W",
-              help="Per-sample input shape [default: the model's].")  # fmt: skip
+@input_size_option("Per-sample input shape [default: the model's].")
 @click.option("--k", type=click.IntRange(min=1), default=4, show_default=True,
               help="Kernels per layer (timm names only; a saved file has its own).")  # fmt: skip
 @click.option("--strategy", type=click.Choice(["auto", *STRATEGIES]), default="auto",
@@ -168,7 +168,7 @@ def _table(result: dict):
               "moved there).")  # fmt: skip
 @click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None,
               help="Autocast dtype of the timed passes and the step [default: none].")  # fmt: skip
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--json", "json_path", type=FilePath(dir_okay=False, path_type=Path),
               help="Also write the figures as JSON.")  # fmt: skip
 @architecture_option
 @click.pass_context
@@ -192,8 +192,9 @@ def bench_command(
 
     from ..io import atomic_write_text, check_outputs
     from .convert_cmd import explicit_options
-    from .model_request import is_saved_file
+    from .model_request import check_model_argument, is_saved_file
 
+    check_model_argument(model)
     if is_saved_file(model) and explicit_options(ctx, ["k"]):
         raise DynconvertError(
             f"{model} is a saved dynconvert model with its own K; --k applies to timm model "

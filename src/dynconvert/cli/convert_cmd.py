@@ -37,7 +37,7 @@ from .model_request import (
     is_saved_file,
     prepare_model,
 )
-from .params import architecture_option, input_size
+from .params import FilePath, architecture_option, input_size_option
 
 AfterConvert = Callable[[nn.Module, Any], nn.Module]
 
@@ -65,8 +65,7 @@ def conversion_options(command: Callable) -> Callable:
         click.option("--strategy", type=click.Choice(["auto", *STRATEGIES]), default="auto",
                      show_default=True,
                      help="Forward strategy of the dynamic layers ('dense': batch 1 only)."),
-        click.option("--input-size", type=input_size(), default=None, metavar="[C,]H[,W]",
-                     help="Input size for shapes and MACs (default: the model's)."),
+        input_size_option("Input size for shapes and MACs (default: the model's)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the kernel perturbation."),
     ]  # fmt: skip
@@ -171,7 +170,7 @@ def run_convert(
 @click.option(
     "--out",
     "-o",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FilePath(dir_okay=False, path_type=Path),
     default=None,
     help="Where to save the converted model (one file).",
 )
@@ -181,7 +180,7 @@ def run_convert(
 @click.option(
     "--json",
     "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FilePath(dir_okay=False, path_type=Path),
     default=None,
     help="Also write the report as JSON to this file.",
 )
@@ -193,7 +192,7 @@ def run_convert(
 )
 @click.option(
     "--checkpoint",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FilePath(dir_okay=False, path_type=Path),
     default=None,
     help="Start from the weights in this local timm/torch checkpoint instead (for "
     "package.module:function, its state dict).",

@@ -16,22 +16,32 @@ import click
 
 from ..errors import DynconvertError
 from .params import (
+    FilePath,
     architecture_option,
     build_architecture,
     check_model_path,
+    full_input_size,
+    input_size_option,
     load_saved,
-    sample_shape,
 )
 
 _FORMAT_NAMES = ("pt2", "onnx", "torchscript")
 
 
 def _format_name(format_name: str | None, out: Path) -> str:
-    from ..export.formats import format_for_suffix
+    from ..export.formats import FORMATS, format_for_suffix
 
-    if format_name is not None:
-        return format_name.lower()
     guessed = format_for_suffix(out)
+    if format_name is not None:
+        name = format_name.lower()
+        if guessed is not None and guessed != name:
+            # refused, not warned: the file would be opened as the format its suffix names
+            raise DynconvertError(
+                f"--format {name} does not match --out {out.name}, whose suffix names "
+                f"{guessed}; give --out a {FORMATS[name].suffix} suffix or --format {guessed}",
+                usage=True,
+            )
+        return name
     if guessed is None:
         raise DynconvertError(
             f"--format is needed: {out.name} does not end in .pt2, .onnx or .ts "
@@ -49,7 +59,7 @@ def _check_opset(name: str, opset: int) -> None:
 
 
 @click.command("export")
-@click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model_file", type=FilePath(dir_okay=False, path_type=Path))
 @click.option(
     "--format",
     "format_name",
@@ -59,17 +69,11 @@ def _check_opset(name: str, opset: int) -> None:
 )
 @click.option(
     "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FilePath(dir_okay=False, path_type=Path),
     required=True,
     help="File to write.",
 )
-@click.option(
-    "--input-size",
-    type=sample_shape(),
-    default=None,
-    metavar="C,H,W",
-    help="One sample's shape (default: the timm model's data config).",
-)
+@input_size_option("One sample's shape (default: the timm model's data config).")
 @click.option(
     "--verify/--no-verify",
     default=True,
@@ -119,7 +123,7 @@ def export_command(
         model,
         out,
         name,
-        input_size=input_size,
+        input_size=full_input_size(input_size, model),
         verify=verify,
         fold_bn=fold_bn,
         opset=opset,

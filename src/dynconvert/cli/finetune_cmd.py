@@ -19,11 +19,15 @@ from torch import nn
 from ..errors import DynconvertError
 from ..ranks import is_main_process
 from .model_request import is_saved_file
+from .params import FilePath, InputSize, square_image_size
 
+_FILE_TO_WRITE = FilePath(dir_okay=False, path_type=Path)  # a folder is bad usage (exit 2)
+_EMPTY_CLASSES = "keep class folders without images (still classes of the head)."
+_SQUARE_SIZE = "square input size for folder data: N, or 3,N,N."
 # click option name -> FinetuneOptions field (None: handled by the command itself).
 _FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
-    (("--data",), {"type": click.Path(path_type=Path), "help": "DIR with train/ and val/."}),
-    (("--recipe",), {"type": click.Path(path_type=Path), "help": "YAML recipe; flags override."}),
+    (("--data",), {"type": FilePath(path_type=Path), "help": "DIR with train/ and val/."}),
+    (("--recipe",), {"type": FilePath(path_type=Path), "help": "YAML recipe; flags override."}),
     (("--epochs",), {"type": int}),
     (("--batch-size",), {"type": int}),
     (("--optimizer",), {"type": click.Choice(["sgd", "adamw"])}),
@@ -51,12 +55,13 @@ _FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--seed",), {"type": int}),
     (("--num-workers",), {"type": int}),
     (("--train-subset",), {"type": int, "help": "train on N images (quick runs)."}),
-    (("--input-size",), {"type": int, "help": "square input size for folder data."}),
-    (("--checkpoint",), {"type": click.Path(path_type=Path), "help": "default: OUT.ckpt"}),
+    (("--allow-empty-classes",), {"is_flag": True, "default": None, "help": _EMPTY_CLASSES}),
+    (("--input-size",), {"type": InputSize(), "metavar": "N|3,N,N", "help": _SQUARE_SIZE}),
+    (("--checkpoint",), {"type": _FILE_TO_WRITE, "help": "default: OUT.ckpt"}),
     (("--checkpoint-every",), {"type": int, "help": "also checkpoint every N iterations."}),
-    (("--resume",), {"type": click.Path(path_type=Path), "help": "continue from a checkpoint."}),
-    (("--plot",), {"type": click.Path(path_type=Path), "help": "write curves (PNG) here."}),
-    (("--num-classes",), {"type": int, "help": "reset the head to this many classes."}),
+    (("--resume",), {"type": FilePath(path_type=Path), "help": "continue from a checkpoint."}),
+    (("--plot",), {"type": _FILE_TO_WRITE, "help": "write curves (PNG) here."}),
+    (("--num-classes",), {"type": click.IntRange(min=1), "help": "reset the head to N classes."}),
     (("--progress/--no-progress",), {"default": True}),
 ]
 _NOT_OPTIONS = {"data", "recipe", "num_classes", "distill"}
@@ -91,9 +96,9 @@ PIPELINE_FLAGS = tuple(
 def pipeline_options(command: Callable) -> Callable:
     """The fine-tuning flags of ``dynconvert MODEL --data DIR ...`` (convert → fine-tune → save),
     plus ``--train-checkpoint``."""
-    command = click.option(
-        "--train-checkpoint", type=click.Path(path_type=Path), help="default: OUT.ckpt"
-    )(command)
+    command = click.option("--train-checkpoint", type=_FILE_TO_WRITE, help="default: OUT.ckpt")(
+        command
+    )
     return training_options(command, skip=PIPELINE_SKIP)
 
 
@@ -103,8 +108,6 @@ def pop_pipeline_flags(options: dict[str, Any]) -> dict[str, Any] | None:
     flags = {name: options.pop(name) for name in (*PIPELINE_FLAGS, "train_checkpoint")}
     flags["checkpoint"] = flags.pop("train_checkpoint")
     flags["seed"] = options.get("seed")
-    size = options.get("input_size")
-    flags["input_size"] = size[-1] if size else None
     if flags["data"] is None and flags["recipe"] is None:
         given = [k for k in PIPELINE_FLAGS if k != "progress" and flags.get(k) is not None]
         if given:
@@ -112,6 +115,7 @@ def pop_pipeline_flags(options: dict[str, Any]) -> dict[str, Any] | None:
                 f"--{given[0].replace('_', '-')} needs --data DIR to fine-tune on", usage=True
             )
         return None
+    flags["input_size"] = square_image_size(options.get("input_size"))
     collect_options(dict(flags))  # recipe and flag errors before the slow conversion
     return flags
 
@@ -184,9 +188,11 @@ def check_run(
     """
     from .. import io
     from ..finetune.data import scan_image_folder, split_folders
+    from ..finetune.distributed import resolve_device
     from ..finetune.plot import check_plot_path
 
     options, recipe, data = collect_options(flags)
+    resolve_device(options.get("device"))  # a bad --device is bad usage, said before the run
     explicit_checkpoint = options.get("checkpoint") is not None
     options.setdefault("checkpoint", str(out.with_suffix(".ckpt")))
     _check_distinct(out, options, explicit_checkpoint=flags.get("checkpoint") is not None)
@@ -209,7 +215,8 @@ def check_run(
     if options.get("plot") is not None:
         check_plot_path(options["plot"])
     train_root, val_root = split_folders(data)
-    classes, _, _ = scan_image_folder(train_root, "train")
+    allow_empty = bool(options.get("allow_empty_classes"))
+    classes, _, _ = scan_image_folder(train_root, "train", allow_empty_classes=allow_empty)
     wanted = flags.get("num_classes")
     if wanted is not None and wanted != len(classes):
         raise DynconvertError(
@@ -318,10 +325,10 @@ def load_model(model_file: Path | None, spec: str | None, weights: Path | None) 
 
 
 @click.command("finetune")
-@click.argument("model_file", required=False, type=click.Path(path_type=Path))
+@click.argument("model_file", required=False, type=FilePath(path_type=Path))
 @click.option("--model", "spec", help="package.module:function building your model.")
-@click.option("--weights", type=click.Path(path_type=Path), help="state dict for --model.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="where to save.")
+@click.option("--weights", type=FilePath(path_type=Path), help="state dict for --model.")
+@click.option("--out", required=True, type=_FILE_TO_WRITE, help="where to save.")
 @training_options
 def finetune_command(model_file, spec, weights, out, **flags) -> None:
     """Fine-tune a converted model on an ImageFolder DIR (train/ and val/).
@@ -334,6 +341,7 @@ def finetune_command(model_file, spec, weights, out, **flags) -> None:
     dynconvert finetune --model pkg.mod:net --weights w.pth --data DIR --out ft.pt
     torchrun --nproc_per_node 4 -m dynconvert finetune model.pt --data DIR --out ft.pt
     """
+    flags["input_size"] = square_image_size(flags["input_size"])
     # before anything is loaded
     plan = check_run(flags, out, {"MODEL": model_file, "--weights": weights})
     recipe = plan.recipe

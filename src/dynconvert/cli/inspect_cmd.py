@@ -15,8 +15,14 @@ import click
 
 from ..errors import DynconvertError
 from .convert_cmd import conversion_options, explicit_options, show_report
-from .model_request import CONVERSION_OPTIONS, ModelRequest, is_saved_file, prepare_model
-from .params import architecture_option, build_architecture, check_model_path
+from .model_request import (
+    CONVERSION_OPTIONS,
+    ModelRequest,
+    check_model_argument,
+    is_saved_file,
+    prepare_model,
+)
+from .params import FilePath, architecture_option, build_architecture, check_model_path
 
 
 def _describe_file(data: dict[str, Any]) -> str:
@@ -58,7 +64,7 @@ def _file_report(path: Path, architecture: str | None):
 @click.option(
     "--json",
     "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FilePath(dir_okay=False, path_type=Path),
     default=None,
     help="Also write the report as JSON to this file.",
 )
@@ -80,6 +86,7 @@ def inspect_command(
     """
     from dynconvert.io import check_outputs
 
+    check_model_argument(model)
     saved = Path(model) if is_saved_file(model) else None
     check_outputs({"--json": json_path}, {"MODEL": saved})
     explicit = explicit_options(ctx, CONVERSION_OPTIONS)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import DynconvertError
 from ..modes import training_mode
-from .params import build_architecture, check_model_path
+from .params import build_architecture, check_model_path, full_input_size
 
 # File names that are certainly files, even if missing (timm names never end like this).
 _FILE_SUFFIXES = {".pt", ".pth", ".pkl", ".bin", ".ckpt", ".safetensors", ".tar"}
@@ -48,8 +48,24 @@ class Prepared:
     from_file: bool
 
 
+def check_model_argument(model: str) -> None:
+    """MODEL that names nothing (empty, or ``:`` with nothing around it) is bad usage, said
+    before it is taken for the current folder or handed to timm."""
+    module, sep, name = model.partition(":")
+    empty = not model.strip()
+    bad_colon = bool(sep) and not is_user_function(model) and not is_saved_file(model)
+    if empty or (bad_colon and not (module in _TIMM_SOURCES and name.strip())):
+        raise DynconvertError(
+            f"MODEL {model!r} names no model; give a timm model name (e.g. resnet50), "
+            "hf-hub:org/name, a file saved by dynconvert, or package.module:function",
+            usage=True,
+        )
+
+
 def is_saved_file(model: str) -> bool:
     """MODEL is a file when it exists, or looks like a path (a timm name never does)."""
+    if not model:  # Path("") is the current folder
+        return False
     path = Path(model)
     if path.exists():
         return True
@@ -86,18 +102,11 @@ def convert_kwargs(request: ModelRequest) -> dict[str, Any]:
     return options
 
 
-def _resolve_input_size(size: tuple[int, ...] | None, model: nn.Module) -> tuple[int, ...] | None:
-    if size is None or len(size) == 3:
-        return size
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    channels = (cfg.get("input_size") or (3,))[0]
-    return (channels, size[0], size[0]) if len(size) == 1 else (channels, *size)
-
-
 def prepare_model(request: ModelRequest) -> Prepared:
     """Build and convert the timm model, or load the saved file, with its report."""
     from dynconvert.report import ConversionReport
 
+    check_model_argument(request.model)
     if is_saved_file(request.model):
         path = Path(request.model)
         check_model_path(path)
@@ -132,7 +141,7 @@ def prepare_model(request: ModelRequest) -> Prepared:
             request.model, pretrained=request.pretrained, checkpoint=request.checkpoint
         )
     kwargs = convert_kwargs(request)
-    kwargs["input_size"] = _resolve_input_size(kwargs.get("input_size"), model)
+    kwargs["input_size"] = full_input_size(kwargs.get("input_size"), model)
     if kwargs["input_size"] is not None:
         probe_input_size(model, kwargs["input_size"], request.model)
     model, report = convert_strictly(model, kwargs)

@@ -21,35 +21,75 @@ ARCHITECTURE_HELP = (
 )
 
 
-class IntTuple(click.ParamType):
-    """A few positive ints separated by ``,``, ``x`` or spaces: ``3,224,224``, ``224x160``."""
+class FilePath(click.Path):
+    """``click.Path`` that refuses an empty string: ``Path("")`` is the current folder, which
+    would be read as the data, the model or the place to write."""
 
-    name = "int_tuple"
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; give a path", param, ctx)
+        return super().convert(value, param, ctx)
 
-    def __init__(self, min_len: int, max_len: int, expected: str) -> None:
-        self.min_len, self.max_len, self.expected = min_len, max_len, expected
+
+INPUT_SIZE_FORMS = "N (one positive int: N×N images, e.g. 224) or C,H,W (three, e.g. 3,224,224)"
+_POSITIVE_INT = re.compile(r"[1-9][0-9]*")
+
+
+def parse_input_size(text: str) -> tuple[int, ...]:
+    """``--input-size`` as ``(N,)`` or ``(C, H, W)``: every command reads it here.
+
+    Each comma-separated token must be a positive int: ``3,x,32`` or ``3,,32`` is refused
+    rather than read as ``3,32`` with a token dropped. Raises ValueError with the accepted
+    forms.
+    """
+    tokens = [token.strip() for token in str(text).split(",")]
+    if len(tokens) not in (1, 3) or not all(_POSITIVE_INT.fullmatch(t) for t in tokens):
+        raise ValueError(f"expected {INPUT_SIZE_FORMS}; got {text!r}")
+    return tuple(int(token) for token in tokens)
+
+
+class InputSize(click.ParamType):
+    """The click side of :func:`parse_input_size`: a usage error (exit 2) with the forms."""
+
+    name = "input_size"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None):
         if isinstance(value, tuple):
             return value
-        parts = [p for p in re.split(r"[,x×\s]+", str(value).strip()) if p]
         try:
-            sizes = tuple(int(p) for p in parts)
-        except ValueError:
-            sizes = ()
-        if not self.min_len <= len(sizes) <= self.max_len or any(s < 1 for s in sizes):
-            self.fail(f"expected {self.expected}; got {value!r}", param, ctx)
-        return sizes
+            return parse_input_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
-def input_size() -> IntTuple:
-    """``224``, ``224,160`` (H,W) or ``3,224,224`` (C,H,W)."""
-    return IntTuple(1, 3, "H, H,W or C,H,W with positive ints")
+def input_size_option(help_text: str) -> Callable[[Callable], Callable]:
+    """``--input-size N`` or ``--input-size C,H,W``, the same option in every command."""
+    return click.option(
+        "--input-size", type=InputSize(), default=None, metavar="N|C,H,W", help=help_text
+    )
 
 
-def sample_shape() -> IntTuple:
-    """One sample's shape without the batch: ``3,224,224`` (C,H,W), ``64,100`` (C,L)..."""
-    return IntTuple(2, 4, "one sample's shape as positive ints, e.g. 3,224,224 (C,H,W)")
+def full_input_size(size: tuple[int, ...] | None, model: nn.Module) -> tuple[int, ...] | None:
+    """``(C, N, N)`` for ``(N,)``, C from the timm model's config (3 without one)."""
+    if size is None or len(size) != 1:
+        return size
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    channels = (cfg.get("input_size") or (3,))[0]
+    return (channels, size[0], size[0])
+
+
+def square_image_size(size: tuple[int, ...] | None) -> int | None:
+    """The side N of the RGB images that fine-tuning reads, from ``N`` or ``3,N,N``."""
+    if size is None or len(size) == 1:
+        return None if size is None else size[0]
+    channels, height, width = size
+    if channels != 3 or height != width:
+        raise DynconvertError(
+            f"--input-size {','.join(map(str, size))}: fine-tuning reads RGB images at a "
+            "square size; give N or 3,N,N",
+            usage=True,
+        )
+    return height
 
 
 def architecture_option(command: Callable) -> Callable:

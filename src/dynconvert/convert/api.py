@@ -156,6 +156,12 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):  # its convs are compiled code, not modules
+        raise DynconvertError(
+            f"model: a TorchScript module ({type(model).__name__}) cannot be converted; pass "
+            "the eager nn.Module it was scripted or traced from",
+            usage=True,
+        )
     options = {
         "k": k, "include": include, "exclude": exclude, "skip_stem": skip_stem,
         "min_channels": min_channels, "depthwise": depthwise, "ratio": ratio,

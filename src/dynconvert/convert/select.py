@@ -19,6 +19,8 @@ from .config import ConvertConfig
 from .converters import Converter, carried_parameters, converter_for
 from .discover import ConvSite
 
+ALREADY_DYNAMIC = "already dynamic"  # the skip reason of a DynamicConvNd
+
 
 @dataclass
 class Decision:
@@ -42,7 +44,7 @@ def _type_reason(module: nn.Module) -> str | None:
     if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
         return "lazy conv not initialised; run one forward first"
     if isinstance(module, DynamicConvNd):
-        return "already dynamic"
+        return ALREADY_DYNAMIC
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return "transposed conv: not a target"
     if converter_for(module) is not None:
@@ -193,6 +195,16 @@ def validate(decisions: list[Decision], config: ConvertConfig) -> None:
         for d in decisions:
             reasons[d.reason] = reasons.get(d.reason, 0) + 1
         summary = "; ".join(f"{n}× {r}" for r, n in sorted(reasons.items(), key=lambda x: -x[1]))
+        dynamic = reasons.pop(ALREADY_DYNAMIC, 0)
+        if dynamic:  # a second conversion: suggesting skip_stem=False would mislead
+            rest = "; ".join(f"{n}× {r}" for r, n in reasons.items())
+            rest = f", {len(decisions) - dynamic} skipped: {rest}" if rest else ""
+            raise DynconvertError(
+                f"the model is already dynamic (convolutions: {dynamic} already dynamic{rest}); "
+                "it needs no second conversion: to convert anew, start from the original "
+                "static model",
+                usage=True,
+            )
         hint = (
             " (try --no-skip-stem / skip_stem=False)"
             if any(d.site.is_stem for d in decisions)

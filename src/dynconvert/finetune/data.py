@@ -27,19 +27,25 @@ from .options import FinetuneOptions
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def scan_image_folder(root: Path, split: str) -> tuple[list[str], int, int]:
+def scan_image_folder(
+    root: Path, split: str, *, allow_empty_classes: bool = False
+) -> tuple[list[str], int, int]:
     """Classes, image count and skipped (non-image) file count of an ImageFolder tree, by
     file name only (:func:`image_folder` also reads each image's header)."""
-    classes, images, skipped, _ = _scan(root, split, check_headers=False)
+    classes, images, skipped, _ = _scan(root, split, False, allow_empty_classes)
     return classes, images, skipped
 
 
-def _scan(root: Path, split: str, check_headers: bool) -> tuple[list[str], int, int, set[Path]]:
+def _scan(
+    root: Path, split: str, check_headers: bool, allow_empty_classes: bool
+) -> tuple[list[str], int, int, set[Path]]:
     """:func:`scan_image_folder` plus the image-suffixed files that are not images.
 
     Reading each header is one small read per file, so a corrupt file is skipped here
     rather than failing the run when its batch comes up; pixels are still only decoded in
-    training (a file truncated after its header fails then).
+    training (a file truncated after its header fails then). A class folder without images
+    is refused unless ``allow_empty_classes``: it still counts as a class (an output of the
+    head), which is rarely what an empty or misnamed folder was meant to be.
     """
     if not root.exists():
         raise DynconvertError(f"data: {split} folder {root} does not exist", usage=True)
@@ -51,8 +57,9 @@ def _scan(root: Path, split: str, check_headers: bool) -> tuple[list[str], int, 
             f"data: {root} has no class folders; expected {root}/<class>/<image> (ImageFolder)",
             usage=True,
         )
-    images, unreadable, skipped = 0, set(), 0
+    images, unreadable, skipped, empty = 0, set(), 0, []
     for cls in classes:
+        before = images
         for path in _files(root / cls):
             if path.suffix.lower() not in IMG_EXTENSIONS:
                 skipped += 1
@@ -60,7 +67,17 @@ def _scan(root: Path, split: str, check_headers: bool) -> tuple[list[str], int, 
                 unreadable.add(path)  # a dangling link, or a file PIL cannot open
             else:
                 images += 1
+        if images == before:
+            empty.append(cls)
     skipped += len(unreadable)
+    if empty and images and not allow_empty_classes:
+        more = f" (and {len(empty) - 1} more: {', '.join(empty[1:4])})" if len(empty) > 1 else ""
+        raise DynconvertError(
+            f"data: class folder {root / empty[0]} has no images{more}; add its images or "
+            "remove it, or pass --allow-empty-classes (allow_empty_classes=True) to keep it "
+            "as a class without images",
+            usage=True,
+        )
     if images == 0:
         raise DynconvertError(
             f"data: {root} has no images ({skipped} non-image files skipped); "
@@ -169,8 +186,8 @@ class ScannedImageFolder(ImageFolder):
         return self.scanned_classes, {name: i for i, name in enumerate(self.scanned_classes)}
 
 
-def image_folder(root: Path, transform: Any, split: str):
-    classes, _, skipped, unreadable = _scan(root, split, check_headers=True)
+def image_folder(root: Path, transform: Any, split: str, allow_empty_classes: bool = False):
+    classes, _, skipped, unreadable = _scan(root, split, True, allow_empty_classes)
     dataset = ScannedImageFolder(
         str(root),
         classes,
@@ -193,8 +210,9 @@ def folder_datasets(
     val_root = Path(val) if val is not None else default_val
     config = data_config(model, opts)
     train_tf, eval_tf = build_transforms(config, opts.train_augment)
-    train_set = image_folder(train_root, train_tf, "train")
-    val_set = image_folder(val_root, eval_tf, "val") if val_root is not None else None
+    allow = opts.allow_empty_classes
+    train_set = image_folder(train_root, train_tf, "train", allow)
+    val_set = image_folder(val_root, eval_tf, "val", allow) if val_root is not None else None
     if val_set is not None and val_set.classes != train_set.classes:
         only_train = sorted(set(train_set.classes) - set(val_set.classes))
         only_val = sorted(set(val_set.classes) - set(train_set.classes))
@@ -352,7 +370,7 @@ def prepare_data(
         val_set = None
         if isinstance(val, (str, Path)):
             _, eval_tf = build_transforms(data_config(model, opts), "none")
-            val_set = image_folder(Path(val), eval_tf, "val")
+            val_set = image_folder(Path(val), eval_tf, "val", opts.allow_empty_classes)
         elif val is not None:
             val_set, _ = _as_dataset(val)
     if len(train_set) == 0:

@@ -60,14 +60,21 @@ class DistContext:
 def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
     if name in (None, "auto"):
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    # Each refusal is bad usage (exit 2): the name, not the run, is wrong for this machine.
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise DynconvertError(f"device: {name!r} is not a device (cpu, cuda, cuda:1...)") from None
+    except (RuntimeError, TypeError):
+        raise DynconvertError(
+            f"device: {name!r} is not a device (cpu, cuda, cuda:1...)", usage=True
+        ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise DynconvertError(f"device: dynconvert runs on cpu or cuda, not {name!r}", usage=True)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DynconvertError("device: cuda was asked for but no CUDA GPU is available")
+        raise DynconvertError("device: cuda was asked for but no CUDA GPU is available", usage=True)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and device.index >= (count := torch.cuda.device_count()):
+        raise DynconvertError(f"device: no {device} here, {count} CUDA device(s)", usage=True)
     return device
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import DynconvertError, first_line
+from ..io.saved_model import has_meta_tensors
 from ..layers import DynamicConvNd
 
 
@@ -204,19 +205,37 @@ def load_user_model(spec: str, weights: str | Path | None = None) -> nn.Module:
         model = factory()
     except DynconvertError:
         raise
-    except Exception as exc:
+    # SystemExit too: a builder that calls sys.exit (even with 0) built nothing, and the
+    # command must not end as if it had succeeded. Ctrl-C (KeyboardInterrupt) still interrupts.
+    except (Exception, SystemExit) as exc:
         raise DynconvertError(
-            f"model: {spec}() raised {first_line(exc)}; fix it (rerun with --debug for the "
-            "traceback)"
+            f"model: {spec}() raised {_raised(exc)}; fix it (rerun with --debug for the traceback)"
         ) from exc
     if not isinstance(model, nn.Module):
         raise DynconvertError(
             f"model: {spec}() returned {type(model).__name__}, not a torch.nn.Module; make it "
             "return the model"
         )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise DynconvertError(
+            f"model: {spec}() returned a TorchScript module, which cannot be converted or "
+            "loaded into; make it return the eager nn.Module (before torch.jit.script)"
+        )
+    if has_meta_tensors(model):
+        raise DynconvertError(
+            f"model: {spec}() built the model on the meta device, which holds no weights; "
+            "build it on a real device (e.g. cpu)"
+        )
     if weights is not None:
         load_weights(model, Path(weights), spec)
     return model
+
+
+def _raised(exc: BaseException) -> str:
+    """``first_line`` of the builder's exception; ``SystemExit(0)`` has no text of its own."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit({exc.code!r})"
+    return first_line(exc)
 
 
 def load_weights(model: nn.Module, path: Path, spec: str) -> None:

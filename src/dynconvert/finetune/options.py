@@ -78,6 +78,8 @@ class FinetuneOptions:
     deterministic: bool | None = None
     num_workers: int = 0
     train_subset: int | None = None
+    # A class folder without images is an error unless allowed (it still becomes a class).
+    allow_empty_classes: bool = False
     # Image pipeline for folder data (timm's data config; None = the model's own config).
     input_size: int | None = None
     mean: Sequence[float] | None = None
@@ -178,7 +180,7 @@ class FinetuneOptions:
             raise DynconvertError("label_smoothing: must be in [0, 1)", usage=True)
         if self.momentum >= 1:
             raise DynconvertError("momentum: must be in [0, 1)", usage=True)
-        for name in ("channels_last", "nesterov", "progress", "verbose"):
+        for name in ("channels_last", "nesterov", "progress", "verbose", "allow_empty_classes"):
             if not isinstance(getattr(self, name), bool):
                 raise DynconvertError(f"{name}: expected true or false", usage=True)
         if self.deterministic is not None and not isinstance(self.deterministic, bool):

@@ -55,6 +55,12 @@ def save(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if has_meta_tensors(model):
+        raise DynconvertError(
+            "model: its weights are on the meta device, which holds no data, so there is "
+            "nothing to save; load real weights into it first (load_state_dict(..., "
+            "assign=True)) or build it on a real device"
+        )
     path = Path(path)
     check_output_path(path)
 
@@ -176,6 +182,16 @@ def load(
     """
     from ..models import SOURCE_ATTR, rebuild_timm_model
 
+    if str(map_location) == "meta":
+        raise DynconvertError(
+            "map_location='meta' would load no weights; load on cpu (or cuda), or use "
+            "dynconvert.io.read(path, map_location='meta') to look at a file without its data"
+        )
+    if isinstance(model, nn.Module) and has_meta_tensors(model):
+        raise DynconvertError(
+            f"model: the {type(model).__name__} passed as model= is on the meta device, which "
+            f"cannot hold the weights of {path}; build it on a real device (e.g. cpu)"
+        )
     data = read(path, map_location=map_location)
     config = config_from_dict(data["config"], f"{path}: config")
     source = data["source"]
@@ -277,6 +293,11 @@ def _load_strict(model: nn.Module, state_dict: dict, path: Path, source: dict, g
             f"{'; '.join(problems)}; {_remedy(given)}"
         )
     model.load_state_dict(state_dict, strict=True)
+
+
+def has_meta_tensors(model: nn.Module) -> bool:
+    """Whether a parameter or buffer of ``model`` is on the meta device (shape, no data)."""
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
 
 def _describe(data: Any) -> str:
