@@ -1,12 +1,14 @@
-"""Sweep dynconvert.convert over every model of ``timm.list_models()``, one subprocess each.
+"""Sweep dynconvert.convert over every model of ``timm.list_models()``, in child processes.
 
 Each model is built at random init (``pretrained=False``), at a small input where it allows
 (``img_size=SIZE`` if its constructor takes it, else SIZE×SIZE, else its default input size),
 and checked as ``timm_coverage.check`` checks a case: BatchNorm statistics randomised, eval-
 and train-mode outputs compared before and after conversion (max |after − before| / max
 |before| ≤ 1e-4). The stem is converted too (``skip_stem=False``): the sweep measures which
-convs *can* be converted, not the default policy. Every model runs in its own process, under
-a wall-clock timeout and an address-space limit, and adds one JSON line to OUT:
+convs *can* be converted, not the default policy. Child processes check up to ``--per-child``
+models each, one after another, under a per-model wall-clock timeout and an address-space
+limit (a model that times out or kills its child is recorded, and a fresh child goes on); each
+model adds one JSON line to OUT:
 
     {"name", "family", "status", "detail", "converted", "convs", "max_rel_error", "seconds",
      "input_size", "batch", "skip_reasons"}
@@ -31,15 +33,22 @@ import dataclasses
 import json
 import os
 import resource
+import select
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+#: A child prints this once its imports are done; each model's timeout counts from then on.
+READY = "ready"
+STARTUP_SECONDS = 300
 RETRY_BATCH = 16  # for a model not exact at batch 2 (see run_one)
 STATUSES = ("converted-exact", "converted-with-skips", "nothing-to-convert", "refused", "failed",
             "timeout")  # fmt: skip
@@ -158,28 +167,63 @@ def _limit_memory(gigabytes: float):
     return apply
 
 
-def sweep_one(name: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--one", name, "--size", str(args.size),
-               "--tolerance", str(args.tolerance)]  # fmt: skip
+def _row_without_result(name: str, status: str, detail: str, seconds: float) -> dict:
+    return {"name": name, "family": None, "status": status, "detail": detail, "converted": 0,
+            "convs": None, "max_rel_error": None, "input_size": None, "skip_reasons": {},
+            "seconds": round(seconds, 2)}  # fmt: skip
+
+
+def sweep_chunk(names: list[str], args: argparse.Namespace) -> Iterator[dict]:
+    """Rows for ``names``, run one after another in as few child processes as possible.
+
+    A child checks many models (importing torch and timm costs more than most checks); it
+    prints one JSON line per model. A model that outlives ``--timeout`` or kills its child
+    (memory limit, segfault) gets its own row, and a fresh child goes on with the rest.
+    """
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
-    start = time.perf_counter()
-    base = {"name": name, "family": None, "converted": 0, "convs": None, "max_rel_error": None,
-            "input_size": None, "skip_reasons": {}}  # fmt: skip
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
-                              env=env, preexec_fn=_limit_memory(args.memory_gb))  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return {**base, "status": "timeout", "detail": f"over {args.timeout} s",
-                "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    err = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    detail = err[-1][:300] if err else f"exit code {proc.returncode}"
-    if proc.returncode < 0:
-        detail = f"killed by signal {-proc.returncode} (memory limit {args.memory_gb} GB?)"
-    return {**base, "status": "failed", "detail": detail,
-            "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+    pending = list(names)
+    while pending:
+        command = [sys.executable, __file__, "--children-of", *pending, "--size", str(args.size),
+                   "--tolerance", str(args.tolerance)]  # fmt: skip
+        # stderr to a file: a pipe nobody reads would block a chatty child
+        with tempfile.TemporaryFile("w+") as errors:
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True,
+                                    env=env, preexec_fn=_limit_memory(args.memory_gb))  # fmt: skip
+            yield from _rows_of_child(proc, pending, errors, args)
+
+
+def _rows_of_child(proc, pending: list[str], errors, args) -> Iterator[dict]:
+    """The rows one child prints; the first model it did not finish gets a timeout/failed row."""
+    started = time.perf_counter()
+    wait = STARTUP_SECONDS + args.timeout  # the first model waits for the imports too
+    while pending:
+        ready, _, _ = select.select([proc.stdout], [], [], wait)
+        line = proc.stdout.readline() if ready else None
+        if line == READY + "\n":
+            started, wait = time.perf_counter(), args.timeout
+            continue
+        if line and line.startswith("{"):
+            row = json.loads(line)
+            pending.remove(row["name"])
+            started, wait = time.perf_counter(), args.timeout
+            yield row
+            continue
+        if line:
+            continue  # not a row
+        if line is None:  # the current model ran past the timeout
+            status, detail = "timeout", f"over {args.timeout} s"
+            proc.kill()
+        proc.wait()
+        if line == "":  # the child died on the current model
+            errors.seek(0)
+            tail = [e for e in errors.read().strip().splitlines() if e.strip()]
+            status, detail = "failed", tail[-1][:300] if tail else f"exit {proc.returncode}"
+            if proc.returncode < 0:
+                detail = f"killed by signal {-proc.returncode} (memory limit {args.memory_gb} GB?)"
+        yield _row_without_result(pending.pop(0), status, detail, time.perf_counter() - started)
+        break
+    proc.wait()
+    proc.stdout.close()
 
 
 def sweep(names: list[str], args: argparse.Namespace) -> None:
@@ -188,16 +232,26 @@ def sweep(names: list[str], args: argparse.Namespace) -> None:
     todo = [n for n in names if n not in skip]
     print(f"{len(names)} models, {len(names) - len(todo)} already in {out}, {len(todo)} to run",
           file=sys.stderr)  # fmt: skip
-    with out.open("a") as sink, ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for i, row in enumerate(pool.map(lambda n: sweep_one(n, args), todo), 1):
+    chunks = [todo[i : i + args.per_child] for i in range(0, len(todo), args.per_child)]
+    lock = threading.Lock()
+    finished = 0
+
+    def run(chunk: list[str]) -> None:
+        nonlocal finished
+        for row in sweep_chunk(chunk, args):
             if row.get("family") is None:
                 row["family"] = family_of(row["name"])
-            sink.write(json.dumps(row) + "\n")
-            sink.flush()
-            os.fsync(sink.fileno())
-            print(f"[{i}/{len(todo)}] {row['name']}: {row['status']}"
-                  f"{' (' + row['detail'] + ')' if row.get('detail') else ''} {row['seconds']}s",
-                  file=sys.stderr)  # fmt: skip
+            with lock:
+                finished += 1
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                os.fsync(sink.fileno())
+                print(f"[{finished}/{len(todo)}] {row['name']}: {row['status']}"
+                      f"{' (' + row['detail'] + ')' if row.get('detail') else ''} "
+                      f"{row['seconds']}s", file=sys.stderr)  # fmt: skip
+
+    with out.open("a") as sink, ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(run, chunks))
 
 
 # -- the table -------------------------------------------------------------------------------
@@ -255,11 +309,23 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="models run at once")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per model")
     parser.add_argument("--tolerance", type=float, default=1e-4)
-    parser.add_argument("--one", metavar="NAME", help=argparse.SUPPRESS)  # the child process
+    parser.add_argument(
+        "--per-child",
+        type=int,
+        default=20,
+        help="models checked one after another by one child process",
+    )
+    parser.add_argument(
+        "--children-of", nargs="+", metavar="NAME", help=argparse.SUPPRESS
+    )  # the child process: check these in turn
     args = parser.parse_args()
-    if args.one:
+    if args.children_of:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        print(json.dumps(run_one(args.one, args.size, args.tolerance)))
+        import timm_coverage  # noqa: F401  (torch, timm and dynconvert: before the clock runs)
+
+        print(READY, flush=True)
+        for name in args.children_of:
+            print(json.dumps(run_one(name, args.size, args.tolerance)), flush=True)
         return
     if args.table:
         print(table(Path(args.table)))
