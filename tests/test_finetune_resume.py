@@ -91,7 +91,7 @@ def interrupt_mid_epoch(root: Path, data: Path, code: Path, sig: int, name: str)
                     break
             time.sleep(0.05)
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()

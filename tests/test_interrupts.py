@@ -46,7 +46,7 @@ def signal_while_writing(proc: subprocess.Popen, sig: int) -> tuple[Path, str]:
                 break
         else:
             pytest.fail(f"the save never started: {proc.stderr.read()}")
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
