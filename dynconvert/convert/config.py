@@ -34,6 +34,13 @@ def _as_str_tuple(name: str, value: Any) -> tuple[str, ...] | None:
     return values
 
 
+def _globs(help_text: str) -> Any:
+    """A repeatable ``--include``/``--exclude`` option: one glob, or a list in a recipe."""
+    return option(
+        None, help_text, metavar="GLOB", repeatable=True, recipe_types=(str, list, type(None))
+    )
+
+
 @dataclass(frozen=True)
 class ConvertConfig:
     """How :func:`dynconvert.convert` selects and builds dynamic convolutions.
@@ -52,19 +59,11 @@ class ConvertConfig:
     """
 
     k: int = option(4, "Kernels per dynamic conv (K).", minimum=1)
-    include: tuple[str, ...] | None = option(
-        None,
-        "Convert only convs whose qualified name matches (repeatable).",
-        metavar="GLOB",
-        repeatable=True,
-        recipe_types=(str, list, type(None)),
+    include: tuple[str, ...] | None = _globs(
+        "Convert only convs whose qualified name matches (repeatable)."
     )
-    exclude: tuple[str, ...] | None = option(
-        None,
-        "Keep convs whose qualified name matches static (repeatable).",
-        metavar="GLOB",
-        repeatable=True,
-        recipe_types=(str, list, type(None)),
+    exclude: tuple[str, ...] | None = _globs(
+        "Keep convs whose qualified name matches static (repeatable)."
     )
     skip_stem: bool = option(True, "Keep the conv that reads the input static, as the paper does.")
     min_channels: int = option(
