@@ -22,7 +22,7 @@ import torch
 import dynconvert
 from dynconvert.benchmark import interleaved_times, medians
 from dynconvert.layers import DynamicConvNd, autotune, prepacked, select_strategy
-from dynconvert.models import build_timm_model
+from dynconvert.sources import build_timm_model
 
 
 def tune_and_pin(model: torch.nn.Module, x: torch.Tensor, with_packed: bool) -> Counter:

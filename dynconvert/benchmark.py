@@ -30,6 +30,9 @@ from pathlib import Path
 
 import torch
 
+from .convert.config import ConvertConfig
+from .sources import build_timm_model, is_saved_file
+
 
 def interleaved_times(
     candidates: Mapping[str, Callable[[], object]],
@@ -139,11 +142,12 @@ def run_isolated(module: str, args: list[str], timeout: float = 900) -> dict:
 # -- models --------------------------------------------------------------------------------
 
 
-def is_saved_file(spec: str) -> bool:
-    return Path(spec).suffix in {".pt", ".pth"} or Path(spec).is_file()
-
-
-def load_pair(spec: str, k: int = 4, strategy: str = "auto", architecture=None):
+def load_pair(
+    spec: str,
+    k: int = ConvertConfig.k,
+    strategy: str = ConvertConfig.strategy,
+    architecture=None,
+):
     """(static model, dynamic model, conversion seconds or None) for a timm name or a file.
 
     ``architecture``: the module a saved custom model's file is loaded into (``--model``).
@@ -155,7 +159,6 @@ def load_pair(spec: str, k: int = 4, strategy: str = "auto", architecture=None):
 
         return saved_pair(dynconvert.load(spec, model=architecture), strategy)
     from . import convert
-    from .models import build_timm_model
 
     static = build_timm_model(spec, pretrained=False)
     dynamic = copy.deepcopy(static)

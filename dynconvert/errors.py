@@ -13,6 +13,11 @@ class DynconvertError(Exception):
         self.usage = usage
 
 
+class UnmatchedPatternWarning(UserWarning):
+    """An ``exclude`` pattern that matches no convolution (it excludes nothing): the API warns,
+    the CLI makes it an error by this category, never by the message text."""
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """``Type: first non-empty line`` of an exception, cut to ``limit`` characters: what a
     one-line error can quote of a library's multi-line message."""

@@ -12,13 +12,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .convert.config import ConvertConfig
 from .errors import DynconvertError
+from .finetune.options import FinetuneOptions
+from .option_fields import recipe_schema
 
-_NUM = (int, float)
-_OPT_NUM = (int, float, type(None))
 _OPT_INT = (int, type(None))
 _OPT_STR = (str, type(None))
-_STRS = (str, list, type(None))
 
 MODEL_SCHEMA: dict[str, tuple[type, ...]] = {
     "name": (str,),  # a timm name, or package.module:function
@@ -27,70 +27,12 @@ MODEL_SCHEMA: dict[str, tuple[type, ...]] = {
     "num_classes": _OPT_INT,
 }
 
-# The fallback when dynconvert.convert is unavailable; otherwise ConvertConfig's own fields.
-CONVERT_SCHEMA: dict[str, tuple[type, ...]] = {
-    "k": (int,),
-    "include": _STRS,
-    "exclude": _STRS,
-    "skip_stem": (bool,),
-    "min_channels": (int,),
-    "depthwise": (str,),
-    "ratio": _NUM,
-    "temperature": _NUM,
-    "dims": (int, list),
-    "noise": _NUM,
-    "strategy": (str,),
-    "seed": (int,),
-    "input_size": (list, type(None)),
-}
-
-FINETUNE_SCHEMA: dict[str, tuple[type, ...]] = {
-    "epochs": (int,),
-    "batch_size": (int,),
-    "optimizer": (str,),
-    "lr": _NUM,
-    "momentum": _NUM,
-    "nesterov": (bool,),
-    "weight_decay": _NUM,
-    "attention_lr": _OPT_NUM,
-    "attention_weight_decay": _OPT_NUM,
-    "kernel_lr_scale": _NUM,
-    "kernel_grad_scale": _NUM,
-    "kernel_diff_grad_scale": _NUM,
-    "kernel_diff_decay": _NUM,
-    "min_lr": _NUM,
-    "warmup_epochs": _NUM,
-    "temperature_start": _OPT_NUM,
-    "temperature_end": _NUM,
-    "temperature_epochs": _OPT_NUM,
-    "distill": (bool,),
-    "distill_weight": _NUM,
-    "distill_temperature": _NUM,
-    "label_smoothing": _NUM,
-    "clip_grad_norm": _OPT_NUM,
-    "mixup_alpha": _NUM,
-    "cutmix_alpha": _NUM,
-    "mixup_off_epoch": _OPT_NUM,
-    "amp": _OPT_STR,
-    "channels_last": (bool,),
-    "device": _OPT_STR,
-    "seed": (int,),
-    "eval_every": (int,),
-    "checkpoint_every": (int,),
-}
-
-DATA_SCHEMA: dict[str, tuple[type, ...]] = {
-    "path": _OPT_STR,
-    "input_size": _OPT_INT,
-    "mean": (list, type(None)),
-    "std": (list, type(None)),
-    "interpolation": _OPT_STR,
-    "crop_pct": _OPT_NUM,
-    "train_augment": (str,),
-    "train_subset": _OPT_INT,
-    "allow_empty_classes": (bool,),
-    "num_workers": (int,),
-}
+# The other sections are derived from the options dataclasses, key by key.
+CONVERT_SCHEMA = recipe_schema(ConvertConfig)
+# ``distill: true`` becomes ``teacher=True`` (the static original), see finetune_options.
+FINETUNE_SCHEMA = {**recipe_schema(FinetuneOptions), "distill": (bool,)}
+# ``path`` is the data folder, not an option of the run.
+DATA_SCHEMA = {"path": _OPT_STR, **recipe_schema(FinetuneOptions, "data")}
 
 SECTIONS = ("model", "convert", "finetune", "data")
 
@@ -105,15 +47,6 @@ def _kind(value: Any) -> str:
         return "a list"
     text = f"{type(value).__name__} {value!r}"
     return text if len(text) <= 60 else text[:59] + "…"
-
-
-def _convert_schema() -> dict[str, tuple[type, ...]]:
-    try:
-        from .convert.config import ConvertConfig
-    except ImportError:
-        return CONVERT_SCHEMA
-    names = {f.name for f in dataclasses.fields(ConvertConfig)}
-    return {n: CONVERT_SCHEMA.get(n, (int, float, str, bool, list, type(None))) for n in names}
 
 
 @dataclasses.dataclass
@@ -147,7 +80,7 @@ def validate_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
         )
     schemas = {
         "model": MODEL_SCHEMA,
-        "convert": _convert_schema(),
+        "convert": CONVERT_SCHEMA,
         "finetune": FINETUNE_SCHEMA,
         "data": DATA_SCHEMA,
     }
@@ -190,17 +123,11 @@ def validate_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
 
 def _check_values(recipe: Recipe) -> None:
     """Range checks by the objects that own them, reported against the recipe file."""
-    from .finetune.options import FinetuneOptions
-
     try:
         FinetuneOptions.from_kwargs(**recipe.finetune_options())
     except DynconvertError as exc:
         raise DynconvertError(f"recipe {recipe.source}: {exc}", usage=True) from None
     if recipe.convert:
-        try:
-            from .convert.config import ConvertConfig
-        except ImportError:
-            return
         try:
             ConvertConfig(**recipe.convert)
         except (TypeError, ValueError) as exc:

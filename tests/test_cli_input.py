@@ -213,7 +213,7 @@ HUB_NAME = "hf-hub:timm/resnet18.a1_in1k"
 
 
 def test_hf_hub_model_offline_says_the_hub_is_needed(capsys):
-    from dynconvert.models import _hub_config_cached
+    from dynconvert.sources.timm_models import _hub_config_cached
 
     if _hub_config_cached(HUB_NAME):
         pytest.skip("the config is in the local hub cache")
@@ -225,9 +225,9 @@ def test_hf_hub_model_offline_says_the_hub_is_needed(capsys):
 
 
 def test_hf_hub_model_with_a_cached_config_still_suggests_no_pretrained(monkeypatch, capsys):
-    import dynconvert.models
+    import dynconvert.sources.timm_models
 
-    monkeypatch.setattr(dynconvert.models, "_hub_config_cached", lambda name: True)
+    monkeypatch.setattr(dynconvert.sources.timm_models, "_hub_config_cached", lambda name: True)
     code, _, err = run(capsys, HUB_NAME, "--dry-run")
     assert code == 1
     assert_one_line_error(err, "cannot download pretrained weights", "--no-pretrained")

@@ -13,7 +13,7 @@ from torch import nn
 import dynconvert
 from dynconvert import DynconvertError
 from dynconvert.io import CONVERSION_ATTR, FORMAT, VERSION, read
-from dynconvert.models import build_timm_model
+from dynconvert.sources import build_timm_model
 
 TIMM_NAME = "test_resnet"  # timm's tiny test model: converts in about a second
 SIZE = (3, 64, 64)

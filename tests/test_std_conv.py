@@ -22,7 +22,7 @@ from torch.func import functional_call
 import dynconvert
 from dynconvert.export import TOLERANCE
 from dynconvert.layers import DynamicStdConv2d
-from dynconvert.models import build_timm_model
+from dynconvert.sources import build_timm_model
 
 TYPES = {
     "std": StdConv2d,

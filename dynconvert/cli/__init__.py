@@ -66,7 +66,7 @@ def _refuse_mistyped_command(ctx: click.Context, word: str) -> None:
     """``inspct`` is a typo of ``inspect``, not a MODEL to convert (unless it is one)."""
     import difflib
 
-    from .model_request import is_saved_file, is_user_function
+    from ..sources import is_saved_file, is_user_function
 
     close = difflib.get_close_matches(word.lower(), list(_COMMANDS), n=1, cutoff=0.75)
     if not close or is_saved_file(word) or is_user_function(word):  # finetuned.pt is a MODEL

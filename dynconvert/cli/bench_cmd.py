@@ -19,9 +19,12 @@ from pathlib import Path
 
 import click
 
+from ..convert.config import ConvertConfig
 from ..errors import DynconvertError, first_line
-from ..layers import STRATEGIES
-from .params import FilePath, architecture_option, full_input_size, input_size_option
+from ..model_request import build_architecture, load_saved
+from ..sources import check_model_argument, check_model_path, full_input_size, is_saved_file
+from .options import named_option
+from .params import FilePath, architecture_option, input_size_option
 
 
 def _mib(n: int) -> str:
@@ -71,8 +74,6 @@ def _load_pair(model_spec: str, architecture: str | None, k: int, strategy: str)
     """(static, dynamic, conversion seconds or None), as ``benchmark.load_pair``, with the
     CLI's checks and errors for a file (missing, a folder, a custom model)."""
     from ..benchmark import load_pair, saved_pair
-    from .model_request import is_saved_file
-    from .params import build_architecture, check_model_path, load_saved
 
     if not is_saved_file(model_spec):
         if architecture is not None:
@@ -156,10 +157,8 @@ def _table(result: dict):
 @click.argument("model")
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=8, show_default=True)
 @input_size_option("Per-sample input shape [default: the model's].")
-@click.option("--k", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Kernels per layer (timm names only; a saved file has its own).")  # fmt: skip
-@click.option("--strategy", type=click.Choice(["auto", *STRATEGIES]), default="auto",
-              show_default=True, help="Force one strategy in every dynamic layer.")  # fmt: skip
+@named_option(ConvertConfig, "k", "Kernels per layer (timm names only; a saved file has its own).")
+@named_option(ConvertConfig, "strategy", "Force one strategy in every dynamic layer.")
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--train/--no-train", default=True, help="Also time one training step.")
 @click.option("--memory/--no-memory", default=True, help="Measure the step's peak memory.")
@@ -192,7 +191,6 @@ def bench_command(
 
     from ..io import atomic_write_text, check_outputs
     from .convert_cmd import explicit_options
-    from .model_request import check_model_argument, is_saved_file
 
     check_model_argument(model)
     if is_saved_file(model) and explicit_options(ctx, ["k"]):

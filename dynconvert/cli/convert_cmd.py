@@ -1,7 +1,7 @@
 """``dynconvert MODEL --k 4 --out model.pt``: convert a model and save it.
 
 MODEL is a timm name, ``package.module:function`` building your own model, or a file saved by
-dynconvert (see ``model_request.py``, which builds or loads it). A timm model is built
+dynconvert (see ``dynconvert.model_request``, which builds or loads it). A timm model is built
 pretrained by default: converting trained weights is the point; offline that fails with a
 hint to use ``--no-pretrained`` or ``--checkpoint FILE``, never a silent fall-back to random
 weights. A saved file is already converted: its stored report is shown and it is saved again
@@ -26,92 +26,25 @@ import click
 from click.core import ParameterSource
 from torch import nn
 
-from ..convert.config import DEPTHWISE_POLICIES
+from ..convert.config import ConvertConfig
 from ..errors import DynconvertError
-from ..layers import STRATEGIES
+from ..model_request import CONVERSION_OPTIONS, ModelRequest, Prepared, apply_recipe, prepare_model
+from ..recipes import load_recipe
+from ..sources import is_saved_file
 from .finetune_cmd import finetune_step, is_main_process, pipeline_options, pop_pipeline_flags
-from .model_request import (
-    CONVERSION_OPTIONS,
-    ModelRequest,
-    Prepared,
-    is_saved_file,
-    prepare_model,
-)
-from .params import FilePath, architecture_option, input_size_option
+from .options import dataclass_options
+from .params import FilePath, architecture_option
 
 AfterConvert = Callable[[nn.Module, Any], nn.Module]
 
 
-def conversion_options(command: Callable) -> Callable:
-    """The options of :func:`dynconvert.convert`, shared by ``convert`` and ``inspect``."""
-    positive = click.FloatRange(min=0, min_open=True)
-    options = [
-        click.option("--k", type=click.IntRange(min=1), default=4, show_default=True,
-                     help="Kernels per dynamic conv (K)."),
-        click.option("--ratio", type=positive, default=0.25, show_default=True,
-                     help="Router width as a fraction of the input channels."),
-        click.option("--temperature", type=positive, default=1.0, show_default=True,
-                     help="Softmax temperature of the router."),
-        click.option("--include", multiple=True, metavar="GLOB",
-                     help="Convert only convs whose qualified name matches (repeatable)."),
-        click.option("--exclude", multiple=True, metavar="GLOB",
-                     help="Keep convs whose qualified name matches static (repeatable)."),
-        click.option("--skip-stem/--no-skip-stem", default=True, show_default=True,
-                     help="Keep the conv that reads the input static, as the paper does."),
-        click.option("--min-channels", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Convs with fewer input or output channels stay static."),
-        click.option("--depthwise", type=click.Choice(DEPTHWISE_POLICIES), default="convert",
-                     show_default=True, help="What to do with depthwise convs."),
-        click.option("--strategy", type=click.Choice(["auto", *STRATEGIES]), default="auto",
-                     show_default=True,
-                     help="Forward strategy of the dynamic layers ('dense': batch 1 only)."),
-        input_size_option("Input size for shapes and MACs (default: the model's)."),
-        click.option("--seed", type=int, default=0, show_default=True,
-                     help="Seed of the kernel perturbation."),
-    ]  # fmt: skip
-    for option in reversed(options):
-        command = option(command)
-    return command
+#: The options of :func:`dynconvert.convert`, shared by ``convert`` and ``inspect``.
+conversion_options = dataclass_options(ConvertConfig)
 
 
 def explicit_options(ctx: click.Context, names: tuple[str, ...] | list[str]) -> set[str]:
     """Which of ``names`` were given on the command line (not defaults)."""
     return {name for name in names if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
-
-
-def apply_recipe(request: ModelRequest, recipe_path: Path) -> None:
-    """The recipe fills what the command line left at its defaults (precedence: defaults <
-    recipe < command line, as for the fine-tuning options).
-
-    - ``convert``: the conversion options. A saved MODEL is already converted, so it is
-      not re-converted; a note says so.
-    - ``model``: ``pretrained``, and ``weights`` as ``--checkpoint``, when the recipe names
-      MODEL (or names no model). MODEL on the command line wins over another
-      ``model.name``, and then that model's weights are not used; a note says so.
-    """
-    from ..recipes import load_recipe
-
-    recipe = load_recipe(recipe_path)
-    if is_saved_file(request.model):
-        if recipe.convert and is_main_process():
-            click.echo(f"note: {request.model} is already converted; the recipe's convert "
-                       "section is not applied", err=True)  # fmt: skip
-        return
-    for name, value in recipe.convert.items():
-        if name not in request.explicit:
-            is_size = name == "input_size" and value is not None
-            request.options[name] = tuple(value) if is_size else value
-    named = recipe.model.get("name")
-    if named is not None and named != request.model:
-        if recipe.model.keys() & {"weights", "pretrained"} and is_main_process():
-            click.echo(f"note: MODEL {request.model} replaces the recipe's model.name {named}; "
-                       "its model.weights/pretrained are not used", err=True)  # fmt: skip
-        return
-    if "pretrained" in recipe.model and "pretrained" not in request.explicit:
-        request.pretrained = recipe.model["pretrained"]
-    weights = recipe.model.get("weights")
-    if weights is not None and not request.explicit & {"checkpoint", "pretrained"}:
-        request.checkpoint = Path(weights)
 
 
 def show_report(report: Any, json_path: Path | None) -> None:
@@ -244,7 +177,9 @@ def convert_command(
         if "seed" not in request.explicit:  # the default --seed must not hide finetune.seed
             train_flags["seed"] = None
         if train_flags["recipe"] is not None:
-            apply_recipe(request, train_flags["recipe"])
+            notes = apply_recipe(request, load_recipe(train_flags["recipe"]))
+            for note in notes if is_main_process() else ():
+                click.echo(note, err=True)
     after = None
     if train_flags is not None:
         outputs = {"--json": json_path}

@@ -15,15 +15,9 @@ from pathlib import Path
 import click
 
 from ..errors import DynconvertError
-from .params import (
-    FilePath,
-    architecture_option,
-    build_architecture,
-    check_model_path,
-    full_input_size,
-    input_size_option,
-    load_saved,
-)
+from ..model_request import build_architecture, load_saved
+from ..sources import check_model_path, full_input_size
+from .params import FilePath, architecture_option, input_size_option
 
 _FORMAT_NAMES = ("pt2", "onnx", "torchscript")
 

@@ -17,79 +17,46 @@ import click
 from torch import nn
 
 from ..errors import DynconvertError
+from ..finetune.options import FinetuneOptions
+from ..model_request import build_architecture, load_saved, reset_recorded_head
 from ..ranks import is_main_process
-from .model_request import is_saved_file
-from .params import FilePath, InputSize, square_image_size
+from ..sources import is_saved_file
+from .options import cli_option_names, dataclass_options
+from .params import FilePath, square_image_size
 
 _FILE_TO_WRITE = FilePath(dir_okay=False, path_type=Path)  # a folder is bad usage (exit 2)
-_EMPTY_CLASSES = "keep class folders without images (still classes of the head)."
-_SQUARE_SIZE = "square input size for folder data: N, or 3,N,N."
-# click option name -> FinetuneOptions field (None: handled by the command itself).
-_FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
-    (("--data",), {"type": FilePath(path_type=Path), "help": "DIR with train/ and val/."}),
-    (("--recipe",), {"type": FilePath(path_type=Path), "help": "YAML recipe; flags override."}),
-    (("--epochs",), {"type": int}),
-    (("--batch-size",), {"type": int}),
-    (("--optimizer",), {"type": click.Choice(["sgd", "adamw"])}),
-    (("--lr",), {"type": float}),
-    (("--attention-lr",), {"type": float, "help": "lr of the routers (default: --lr)."}),
-    (("--weight-decay",), {"type": float}),
-    (("--warmup-epochs",), {"type": float}),
-    (("--temperature-start",), {"type": float, "help": "router temperature at the start."}),
-    (("--temperature-end",), {"type": float}),
-    (("--temperature-epochs",), {"type": float}),
-    (("--kernel-lr-scale",), {"type": float, "help": "lr factor of the K kernels (try K)."}),
-    (("--kernel-grad-scale",), {"type": float, "help": "gradient factor of the K kernels."}),
-    (("--kernel-diff-grad-scale",), {"type": float, "help": "extra factor on their differences."}),
-    (("--kernel-diff-decay",), {"type": float, "help": "decay of the kernels' differences."}),
-    (("--mixup-alpha",), {"type": float}),
-    (("--cutmix-alpha",), {"type": float}),
-    (("--mixup-off-epoch",), {"type": float, "help": "plain batches from this epoch on."}),
-    (("--distill/--no-distill",), {"default": None, "help": "distil from the static original."}),
-    (("--distill-weight",), {"type": float}),
-    (("--label-smoothing",), {"type": float}),
-    (("--clip-grad-norm",), {"type": float}),
-    (("--amp",), {"type": click.Choice(["bf16", "fp16"]), "help": "autocast (CUDA, CPU)."}),
-    (("--channels-last/--no-channels-last",), {"default": None}),
-    (("--device",), {"type": str, "help": "cpu, cuda, cuda:1 (default: auto)."}),
-    (("--seed",), {"type": int}),
-    (("--num-workers",), {"type": int}),
-    (("--train-subset",), {"type": int, "help": "train on N images (quick runs)."}),
-    (("--allow-empty-classes",), {"is_flag": True, "default": None, "help": _EMPTY_CLASSES}),
-    (("--input-size",), {"type": InputSize(), "metavar": "N|3,N,N", "help": _SQUARE_SIZE}),
-    (("--checkpoint",), {"type": _FILE_TO_WRITE, "help": "default: OUT.ckpt"}),
-    (("--checkpoint-every",), {"type": int, "help": "also checkpoint every N iterations."}),
-    (("--resume",), {"type": FilePath(path_type=Path), "help": "continue from a checkpoint."}),
-    (("--plot",), {"type": _FILE_TO_WRITE, "help": "write curves (PNG) here."}),
-    (("--num-classes",), {"type": click.IntRange(min=1), "help": "reset the head to N classes."}),
-    (("--progress/--no-progress",), {"default": True}),
-]
+# The flags of the command itself, not FinetuneOptions fields.
+_DATA = click.option("--data", type=FilePath(path_type=Path), help="DIR with train/ and val/.")
+_RECIPE = click.option(
+    "--recipe", type=FilePath(path_type=Path), help="YAML recipe; flags override."
+)
+_DISTILL = click.option(
+    "--distill/--no-distill", default=None, help="distil from the static original."
+)
+_NUM_CLASSES = click.option(
+    "--num-classes", type=click.IntRange(min=1), help="reset the head to N classes."
+)
 _NOT_OPTIONS = {"data", "recipe", "num_classes", "distill"}
 
 
 def training_options(command: Callable, *, skip: tuple[str, ...] = ()) -> Callable:
-    """Add the fine-tuning flags (but the ones named in ``skip``) to a click command."""
-    from ..finetune.options import FinetuneOptions
-
-    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneOptions)}
-    for names, kwargs in reversed(_FLAGS):
-        flag = names[0].split("/")[0]
-        if flag in skip:
-            continue
-        field = flag.lstrip("-").replace("-", "_")
-        if field in defaults and defaults[field] is not None and field != "progress":
-            kwargs = {**kwargs, "help": f"{kwargs.get('help', '')} [default: {defaults[field]}]"}
-        command = click.option(*names, **kwargs)(command)
-    return command
+    """Add the fine-tuning flags (but the fields named in ``skip``) to a click command: the
+    :class:`FinetuneOptions` fields, defaulting to None so that a recipe can fill them."""
+    fields = dataclass_options(
+        FinetuneOptions, skip=skip, recipe_defaults=True, extra={"distill_weight": _DISTILL}
+    )
+    return _DATA(_RECIPE(fields(_NUM_CLASSES(command))))
 
 
 # The convert command has its own --checkpoint (weights to start from), --seed (kernel
 # perturbation; reused for training) and --input-size (reused for the data).
-PIPELINE_SKIP = ("--checkpoint", "--seed", "--input-size")
-PIPELINE_FLAGS = tuple(
-    names[0].split("/")[0].lstrip("-").replace("-", "_")
-    for names, _ in _FLAGS
-    if names[0].split("/")[0] not in PIPELINE_SKIP
+PIPELINE_SKIP = ("checkpoint", "seed", "input_size")
+PIPELINE_FLAGS = (
+    "data",
+    "recipe",
+    *cli_option_names(FinetuneOptions, skip=PIPELINE_SKIP),
+    "distill",
+    "num_classes",
 )
 
 
@@ -269,16 +236,14 @@ def run_finetune(
     are still uniform). ``plan``: :func:`check_run` of these flags, when already done.
     """
     from .. import io
-    from ..finetune import finetune, reset_head, static_teacher
+    from ..finetune import finetune, static_teacher
     from ..finetune.models import model_num_classes
-    from ..models import SOURCE_ATTR, model_source
 
     if plan is None:
         plan = check_run(flags, out)
     options, data = plan.options, plan.data
     head = model_num_classes(model)
     wanted = flags.get("num_classes")
-    source = model_source(model)
     reset = wanted is not None and wanted != head
     if original is None:
         original = static_teacher(model)
@@ -288,12 +253,8 @@ def run_finetune(
                 "--distill needs the original classifier head; drop --num-classes or --distill",
                 usage=True,
             )
-        reset_head(model, wanted, seed=options.get("seed") or 0)
+        reset_recorded_head(model, wanted, seed=options.get("seed") or 0)
         original = None
-        if source.get("kind") == "timm":  # so that the saved file rebuilds the new head
-            source = copy.deepcopy(source)
-            source.setdefault("kwargs", {})["num_classes"] = wanted
-            object.__setattr__(model, SOURCE_ATTR, source)
     if options.get("teacher") is True and original is not None:
         options["teacher"] = original
     options["original"] = original
@@ -313,7 +274,6 @@ def load_model(model_file: Path | None, spec: str | None, weights: Path | None) 
     """A ``dynconvert.save`` file (its architecture from ``--model`` for a custom model), or
     ``--model package.module:function`` with ``--weights`` (a state dict)."""
     from ..finetune import load_user_model
-    from .params import build_architecture, load_saved
 
     if model_file is not None and weights is not None:
         raise DynconvertError("give either MODEL (a dynconvert file) or --weights", usage=True)

@@ -14,15 +14,16 @@ from typing import Any
 import click
 
 from ..errors import DynconvertError
-from .convert_cmd import conversion_options, explicit_options, show_report
-from .model_request import (
+from ..model_request import (
     CONVERSION_OPTIONS,
     ModelRequest,
-    check_model_argument,
-    is_saved_file,
+    build_architecture,
+    load_saved,
     prepare_model,
 )
-from .params import FilePath, architecture_option, build_architecture, check_model_path
+from ..sources import check_model_argument, check_model_path, is_saved_file
+from .convert_cmd import conversion_options, explicit_options, show_report
+from .params import FilePath, architecture_option
 
 
 def _describe_file(data: dict[str, Any]) -> str:
@@ -44,8 +45,6 @@ def _describe_file(data: dict[str, Any]) -> str:
 def _file_report(path: Path, architecture: str | None):
     from dynconvert.io import CONVERSION_ATTR, read
     from dynconvert.report import ConversionReport
-
-    from .params import load_saved
 
     data = read(path)
     stored = data.get("report")

@@ -1,19 +1,14 @@
-"""Click parameters shared by the commands: int tuples, and ``--model`` with the loading of a
-saved file (whose architecture ``--model`` builds when the file holds a custom model)."""
+"""Click parameters shared by the commands: paths, ``--input-size`` and ``--model``."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from ..errors import DynconvertError
-
-if TYPE_CHECKING:
-    from torch import nn
 
 ARCHITECTURE_HELP = (
     "package.module:function that builds the architecture of a file holding a custom "
@@ -69,15 +64,6 @@ def input_size_option(help_text: str) -> Callable[[Callable], Callable]:
     )
 
 
-def full_input_size(size: tuple[int, ...] | None, model: nn.Module) -> tuple[int, ...] | None:
-    """``(C, N, N)`` for ``(N,)``, C from the timm model's config (3 without one)."""
-    if size is None or len(size) != 1:
-        return size
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    channels = (cfg.get("input_size") or (3,))[0]
-    return (channels, size[0], size[0])
-
-
 def square_image_size(size: tuple[int, ...] | None) -> int | None:
     """The side N of the RGB images that fine-tuning reads, from ``N`` or ``3,N,N``."""
     if size is None or len(size) == 1:
@@ -97,48 +83,3 @@ def architecture_option(command: Callable) -> Callable:
     return click.option(
         "--model", "architecture", metavar="PKG.MOD:FN", default=None, help=ARCHITECTURE_HELP
     )(command)
-
-
-def check_model_path(path: Path, what: str = "a dynconvert file or a timm model name") -> None:
-    """A MODEL that is missing or a folder is bad usage, said before anything is loaded."""
-    if path.is_dir():
-        raise DynconvertError(f"{path} is a folder, not {what}; give the model file", usage=True)
-    if not path.exists():
-        raise DynconvertError(f"{path} does not exist", usage=True)
-
-
-def build_architecture(spec: str | None) -> nn.Module | None:
-    """The module ``--model`` names (imported and built), or None without ``--model``."""
-    if spec is None:
-        return None
-    from ..finetune.models import load_user_model
-
-    return load_user_model(spec)
-
-
-def load_saved(path: Path, architecture: nn.Module | None) -> nn.Module:
-    """:func:`dynconvert.load` whose errors give the CLI's way forward (``--model``)."""
-    from .. import io
-
-    try:
-        return io.load(path, model=architecture)
-    except DynconvertError as exc:
-        custom = _custom_class(path) if architecture is None else None
-        if custom is not None:
-            raise DynconvertError(
-                f"{path} holds a custom model ({custom}); pass --model "
-                "package.module:function that builds its architecture",
-                usage=True,
-            ) from exc
-        raise
-
-
-def _custom_class(path: Path) -> str | None:
-    """The class name recorded in a readable file that holds a custom model, else None."""
-    from .. import io
-
-    try:
-        source = io.read(path, map_location="meta")["source"]  # no tensor data read
-    except DynconvertError:
-        return None
-    return None if source.get("kind") == "timm" else str(source.get("class", "?"))

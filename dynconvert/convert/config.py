@@ -12,9 +12,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..layers import STRATEGIES
+from ..option_fields import option
 
 DEPTHWISE_POLICIES = ("convert", "skip")
 DIMS = (1, 2, 3)
+STRATEGY_CHOICES = ("auto", *STRATEGIES)
 
 
 def _is_int(value: Any) -> bool:
@@ -30,6 +32,13 @@ def _as_str_tuple(name: str, value: Any) -> tuple[str, ...] | None:
     if not all(isinstance(v, str) and v for v in values):
         raise ValueError(f"{name}: expected glob patterns (non-empty strings), got {value!r}")
     return values
+
+
+def _globs(help_text: str) -> Any:
+    """A repeatable ``--include``/``--exclude`` option: one glob, or a list in a recipe."""
+    return option(
+        None, help_text, metavar="GLOB", repeatable=True, recipe_types=(str, list, type(None))
+    )
 
 
 @dataclass(frozen=True)
@@ -49,19 +58,41 @@ class ConvertConfig:
       and MACs; ``None`` uses timm's ``pretrained_cfg['input_size']`` when there is one.
     """
 
-    k: int = 4
-    include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] | None = None
-    skip_stem: bool = True
-    min_channels: int = 1
-    depthwise: str = "convert"
-    ratio: float = 0.25
-    temperature: float = 1.0
-    dims: tuple[int, ...] = DIMS
-    noise: float = 0.01
-    strategy: str = "auto"
-    seed: int = 0
-    input_size: tuple[int, ...] | None = None
+    k: int = option(4, "Kernels per dynamic conv (K).", minimum=1)
+    include: tuple[str, ...] | None = _globs(
+        "Convert only convs whose qualified name matches (repeatable)."
+    )
+    exclude: tuple[str, ...] | None = _globs(
+        "Keep convs whose qualified name matches static (repeatable)."
+    )
+    skip_stem: bool = option(True, "Keep the conv that reads the input static, as the paper does.")
+    min_channels: int = option(
+        1, "Convs with fewer input or output channels stay static.", minimum=1
+    )
+    depthwise: str = option(
+        "convert", "What to do with depthwise convs.", choices=DEPTHWISE_POLICIES
+    )
+    ratio: float = option(
+        0.25, "Router width as a fraction of the input channels.", minimum=0, above_minimum=True
+    )
+    temperature: float = option(
+        1.0, "Softmax temperature of the router.", minimum=0, above_minimum=True
+    )
+    dims: tuple[int, ...] = option(
+        DIMS, "Which of Conv1d/2d/3d to convert.", cli=False, recipe_types=(int, list)
+    )
+    noise: float = option(
+        0.01, "Zero-sum perturbation of the K kernels, relative to the weight's std.", cli=False
+    )
+    strategy: str = option(
+        "auto",
+        "Forward strategy of the dynamic layers ('dense': batch 1 only).",
+        choices=STRATEGY_CHOICES,
+    )
+    seed: int = option(0, "Seed of the kernel perturbation.")
+    input_size: tuple[int, ...] | None = option(
+        None, "Input size for shapes and MACs (default: the model's).", value="shape"
+    )
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise through the back door, once
@@ -93,8 +124,8 @@ class ConvertConfig:
         if not (self.noise >= 0 and math.isfinite(self.noise)):
             raise ValueError(f"noise: expected a finite number >= 0, got {self.noise!r}")
         set_(self, "noise", float(self.noise))
-        if self.strategy != "auto" and self.strategy not in STRATEGIES:
-            choices = ", ".join(["auto", *STRATEGIES])
+        if self.strategy not in STRATEGY_CHOICES:
+            choices = ", ".join(STRATEGY_CHOICES)
             raise ValueError(f"strategy: expected one of {choices}, got {self.strategy!r}")
         if not _is_int(self.seed):
             raise TypeError(f"seed: expected an int, got {self.seed!r}")

@@ -13,7 +13,7 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-from ..errors import DynconvertError
+from ..errors import DynconvertError, UnmatchedPatternWarning
 from ..layers import DynamicConvNd
 from .config import ConvertConfig
 from .converters import Converter, carried_parameters, converter_for
@@ -185,7 +185,7 @@ def validate(decisions: list[Decision], config: ConvertConfig) -> None:
         if not any(_matches(s, (pattern,)) for s in sites):
             warnings.warn(
                 f"exclude pattern {pattern!r} matches no convolution; it excludes nothing",
-                UserWarning,
+                UnmatchedPatternWarning,
                 stacklevel=3,
             )
     if not any(d.converted for d in decisions):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DynconvertError
+from ..option_fields import option
 
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("bf16", "fp16")
@@ -45,61 +46,78 @@ class FinetuneOptions:
     tables (both on rank 0 only).
     """
 
-    epochs: int = 10
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    attention_lr: float | None = None
-    attention_weight_decay: float | None = None
-    kernel_lr_scale: float = 1.0
-    kernel_grad_scale: float = 1.0
-    kernel_diff_grad_scale: float = 1.0
-    kernel_diff_decay: float = 0.0
-    min_lr: float = 0.0
-    warmup_epochs: float = 0.0
-    temperature_start: float | None = None
-    temperature_end: float = 1.0
-    temperature_epochs: float | None = None
-    distill_weight: float = 0.5
-    distill_temperature: float = 4.0
-    label_smoothing: float = 0.0
-    clip_grad_norm: float | None = None
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
+    epochs: int = option(10)
+    batch_size: int = option(64)
+    optimizer: str = option("sgd", choices=OPTIMIZERS)
+    lr: float = option(0.01)
+    momentum: float = option(0.9, cli=False)
+    nesterov: bool = option(True, cli=False)
+    weight_decay: float = option(5e-4)
+    attention_lr: float | None = option(None, "lr of the routers (default: --lr).")
+    attention_weight_decay: float | None = option(None, cli=False)
+    kernel_lr_scale: float = option(1.0, "lr factor of the K kernels (try K).")
+    kernel_grad_scale: float = option(1.0, "gradient factor of the K kernels.")
+    kernel_diff_grad_scale: float = option(1.0, "extra factor on their differences.")
+    kernel_diff_decay: float = option(0.0, "decay of the kernels' differences.")
+    min_lr: float = option(0.0, cli=False)
+    warmup_epochs: float = option(0.0)
+    temperature_start: float | None = option(None, "router temperature at the start.")
+    temperature_end: float = option(1.0)
+    temperature_epochs: float | None = option(None)
+    distill_weight: float = option(0.5)
+    distill_temperature: float = option(4.0, cli=False)
+    label_smoothing: float = option(0.0)
+    clip_grad_norm: float | None = option(None)
+    mixup_alpha: float = option(0.0)
+    cutmix_alpha: float = option(0.0)
     # timm's --mixup-off-epoch: plain batches from this epoch on (None = mixup to the end).
-    mixup_off_epoch: float | None = None
-    amp: str | None = None
-    channels_last: bool = False
-    device: str | None = None
-    seed: int = 0
-    deterministic: bool | None = None
-    num_workers: int = 0
-    train_subset: int | None = None
+    mixup_off_epoch: float | None = option(None, "plain batches from this epoch on.")
+    amp: str | None = option(None, "autocast (CUDA, CPU).", choices=AMP_MODES)
+    channels_last: bool = option(False)
+    device: str | None = option(None, "cpu, cuda, cuda:1 (default: auto).")
+    seed: int = option(0)
+    deterministic: bool | None = option(None, cli=False, recipe=None)
+    num_workers: int = option(0, recipe="data")
+    train_subset: int | None = option(None, "train on N images (quick runs).", recipe="data")
     # A class folder without images is an error unless allowed (it still becomes a class).
-    allow_empty_classes: bool = False
+    allow_empty_classes: bool = option(
+        False,
+        "keep class folders without images (still classes of the head).",
+        flag="--allow-empty-classes",
+        recipe="data",
+    )
     # Image pipeline for folder data (timm's data config; None = the model's own config).
-    input_size: int | None = None
-    mean: Sequence[float] | None = None
-    std: Sequence[float] | None = None
-    interpolation: str | None = None
-    crop_pct: float | None = None
-    train_augment: str = "timm"
-    eval_every: int = 1
-    checkpoint: str | Path | None = None
-    checkpoint_every: int = 0
-    resume: str | Path | None = None
-    plot: str | Path | None = None
-    progress: bool = True
-    verbose: bool = True
+    input_size: int | None = option(
+        None,
+        "square input size for folder data: N, or 3,N,N.",
+        value="shape",
+        metavar="N|3,N,N",
+        recipe="data",
+    )
+    mean: Sequence[float] | None = option(None, cli=False, recipe="data")
+    std: Sequence[float] | None = option(None, cli=False, recipe="data")
+    interpolation: str | None = option(None, cli=False, recipe="data")
+    crop_pct: float | None = option(None, cli=False, recipe="data")
+    train_augment: str = option("timm", cli=False, recipe="data")
+    eval_every: int = option(1, cli=False)
+    checkpoint: str | Path | None = option(
+        None, "default: OUT.ckpt", value="file_to_write", recipe=None
+    )
+    checkpoint_every: int = option(0, "also checkpoint every N iterations.")
+    resume: str | Path | None = option(
+        None, "continue from a checkpoint.", value="path", recipe=None
+    )
+    plot: str | Path | None = option(
+        None, "write curves (PNG) here.", value="file_to_write", recipe=None
+    )
+    progress: bool = option(True, recipe=None)
+    verbose: bool = option(True, cli=False, recipe=None)
     # Python-only seams, never in a recipe.
-    teacher: Any = None
-    original: Any = None
-    callbacks: Sequence[Callable[[dict], None]] = ()
-    regularizers: Sequence[Callable[[Any], Any]] = ()
-    batch_hook: Callable[[Any, Any], tuple[Any, Any]] | None = None
+    teacher: Any = option(None, cli=False, recipe=None)
+    original: Any = option(None, cli=False, recipe=None)
+    callbacks: Sequence[Callable[[dict], None]] = option((), cli=False, recipe=None)
+    regularizers: Sequence[Callable[[Any], Any]] = option((), cli=False, recipe=None)
+    batch_hook: Callable[[Any, Any], tuple[Any, Any]] | None = option(None, cli=False, recipe=None)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -5,7 +5,7 @@ The file is a dict of plain data and tensors; no module is ever pickled::
     format    "dynconvert"            version   1 (a newer version is refused)
     source    {"kind": "timm", "name": "resnet50", "kwargs": {...}}
               or {"kind": "custom", "class": "pkg.mod.Net"} (shown, never imported); both
-              checked before anything is built (:mod:`dynconvert.sources`)
+              checked before anything is built (:mod:`dynconvert.sources.records`)
     config    ConvertConfig.to_dict() of the conversion
     converted qualified names of the converted modules (what ``swap_named`` takes)
     strategies  {name: strategy} of converted layers whose strategy differs from the option
@@ -28,7 +28,7 @@ Where ``save`` learns the conversion (``convert`` does not record it on the mode
    then lists the converted layers only (static convs and MACs are unknown).
 
 ``config=`` overrides the options in every case. The source is recorded by
-:func:`dynconvert.models.model_source`: exact for models built by ``dynconvert`` (CLI,
+:func:`dynconvert.sources.model_source`: exact for models built by ``dynconvert`` (CLI,
 :func:`load`), from ``pretrained_cfg`` for other timm models, else ``custom``.
 
 ``load`` reads with ``weights_only=True`` only (a pickle that would run code is refused, not

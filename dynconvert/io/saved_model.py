@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import DynconvertError
 from ..layers import DynamicConvNd
-from ..sources import source_problem
+from ..sources.records import source_problem
 from .conversion import (
     CONVERSION_ATTR,
     architecture,
@@ -51,7 +51,7 @@ def save(
     ``{"kind": "timm", "name": "resnet18", "kwargs": {"num_classes": 10}}``.
     """
     from ..convert import ConvertConfig
-    from ..models import model_source
+    from ..sources.timm_models import model_source
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -180,7 +180,7 @@ def load(
     of its architecture (unconverted, or already converted at the saved names). The training
     mode is left as the model was built.
     """
-    from ..models import SOURCE_ATTR, rebuild_timm_model
+    from ..sources.timm_models import SOURCE_ATTR, rebuild_timm_model
 
     if str(map_location) == "meta":
         raise DynconvertError(

@@ -25,8 +25,8 @@ from typing import Any
 
 from torch import nn
 
-from .errors import DynconvertError
-from .sources import source_problem
+from ..errors import DynconvertError, first_line
+from .records import source_problem
 
 # Set on models built here so that ``save`` records the exact name and kwargs.
 SOURCE_ATTR = "_dynconvert_source"
@@ -187,7 +187,7 @@ def _checkpoint_error(checkpoint: str, name: str, exc: BaseException) -> Dynconv
             "and its options"
         )
     return DynconvertError(
-        f"checkpoint {checkpoint} could not be read ({_first_line(exc)}); it must be a "
+        f"checkpoint {checkpoint} could not be read ({first_line(exc)}); it must be a "
         "weights-only torch file or safetensors"
     )
 
@@ -195,11 +195,6 @@ def _checkpoint_error(checkpoint: str, name: str, exc: BaseException) -> Dynconv
 def _short(text: str, limit: int = 160) -> str:
     text = text.split(". ")[0].rstrip(".")
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return _short(text.splitlines()[0]) if text else type(exc).__name__
 
 
 def _plain_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -252,7 +247,7 @@ def rebuild_timm_model(source: dict[str, Any], where: str = "source") -> nn.Modu
     """The architecture recorded by :func:`model_source`, with random weights.
 
     The one place that builds a model from a recorded source: the source is checked first
-    (:func:`dynconvert.sources.source_problem`) and its name must be registered in timm
+    (:func:`dynconvert.sources.records.source_problem`) and its name must be registered in timm
     (:func:`build_timm_model` checks plain names), so a file can make the tool neither load
     nor fetch anything (``where`` names the file).
     """

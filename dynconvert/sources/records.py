@@ -11,7 +11,8 @@ arguments that read or fetch files (``checkpoint_path``, ``pretrained_cfg_overla
 ...}``, ``cache_dir``...): a file that set them would make the tool open a path the file names,
 and an old torch or timm would unpickle it with code execution. So a recorded source is held
 to what describes an architecture, checked by :func:`source_problem` on every save and every
-read, and again by ``dynconvert.models.rebuild_timm_model`` (the one place that rebuilds):
+read, and again by ``dynconvert.sources.timm_models.rebuild_timm_model`` (the one place that
+rebuilds):
 
 * ``kind`` is ``"timm"`` or ``"custom"``, and no other keys than the kind's own;
 * a timm ``name`` is a short plain string (that timm registers it is checked on rebuild,

@@ -1,0 +1,29 @@
+"""The API behind the commands that take a MODEL string: build or load it, merge a recipe,
+convert it (see :mod:`.request`). It sits above ``sources``, ``io``, ``convert`` and
+``finetune``, which it combines; the CLI only parses and passes strings."""
+
+from .head import reset_recorded_head
+from .recipe_merge import apply_recipe
+from .request import (
+    CONVERSION_OPTIONS,
+    ModelRequest,
+    Prepared,
+    convert_kwargs,
+    convert_strictly,
+    prepare_model,
+)
+from .saved import build_architecture, load_saved, refuse_saved_model_as_checkpoint
+
+__all__ = [
+    "CONVERSION_OPTIONS",
+    "ModelRequest",
+    "Prepared",
+    "apply_recipe",
+    "build_architecture",
+    "convert_kwargs",
+    "convert_strictly",
+    "load_saved",
+    "prepare_model",
+    "refuse_saved_model_as_checkpoint",
+    "reset_recorded_head",
+]
