@@ -44,7 +44,8 @@ ARCHITECTURE_KWARGS = frozenset({
     "pos_drop_rate", "patch_drop_rate",
     # widths, depths, blocks
     "embed_dim", "depth", "depths", "dims", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm",
-    "init_values", "layers", "channels", "stem_type", "stem_width", "width_factor",
+    "init_values", "layers", "channels", "stem_type", "stem_width", "stem_chs", "embed_dims",
+    "widths", "width_factor",
     "cardinality", "base_width", "avg_down", "down_kernel_size", "zero_init_last",
     "block_reduce_first", "channel_multiplier", "depth_multiplier", "act_layer", "norm_layer",
     # timm's layer-config switches (which implementation of a layer is built)
