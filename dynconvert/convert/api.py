@@ -13,9 +13,10 @@ from ..errors import DynconvertError
 from ..report import ConversionReport, ConvRow
 from .config import ConvertConfig
 from .costs import conv_macs, dynamic_overhead_macs
-from .discover import ConvSite, discover
+from .discover import discover
 from .replace import module_order, swap_modules
 from .select import Decision, decide, validate
+from .sites import ConvSite
 
 _CONFIG_DEFAULTS = ConvertConfig()
 

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,34 +25,9 @@ from ..errors import first_line
 from ..layers import DynamicConvNd
 from ..modes import training_mode
 from .probe import HARMLESS_PARAM_ATTRS, clear_shapes, example_for, probe
+from .sites import ConvSite
 
 _CONV_FUNCTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
-
-
-@dataclass
-class ConvSite:
-    """One convolution of the model: a module (maybe under several names) or a functional call."""
-
-    name: str
-    kind: str  # "module" or "functional"
-    type_name: str
-    dims: int
-    in_channels: int | None
-    out_channels: int | None
-    kernel_size: tuple[int, ...] | None
-    stride: tuple[int, ...] | None
-    groups: int | None
-    module: nn.Module | None = None
-    aliases: tuple[str, ...] = ()
-    calls: int | None = None
-    input_shapes: list[tuple[int, ...]] = field(default_factory=list)
-    output_shapes: list[tuple[int, ...]] = field(default_factory=list)
-    is_stem: bool = False
-    param_use: str | None = None  # why its parameters are used outside its forward
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return (self.name, *self.aliases)
 
 
 @dataclass

@@ -12,7 +12,7 @@ can trace and not inside the modules it treats as leaves; the probe sees what re
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -20,9 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..modes import training_mode
-
-if TYPE_CHECKING:
-    from .discover import ConvSite
+from .sites import ConvSite
 
 #: Reading these from a conv's weight stays valid after the swap.
 HARMLESS_PARAM_ATTRS = frozenset({"dtype", "device", "requires_grad", "is_cuda"})

@@ -17,7 +17,7 @@ from ..errors import DynconvertError, UnmatchedPatternWarning
 from ..layers import DynamicConvNd
 from .config import ConvertConfig
 from .converters import Converter, carried_parameters, converter_for
-from .discover import ConvSite
+from .sites import ConvSite
 
 ALREADY_DYNAMIC = "already dynamic"  # the skip reason of a DynamicConvNd
 

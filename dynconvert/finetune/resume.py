@@ -15,15 +15,43 @@ import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+import torch
+from torch import nn
 
 from ..errors import DynconvertError
 from ..interrupts import STOP_SIGNALS, interrupt_for
 from . import checkpoint as ckpt
 from .schedules import TemperatureSchedule
 
-if TYPE_CHECKING:
-    from .loop import Trainer
+
+class Trainer(Protocol):
+    """What checkpointing reads and restores of ``loop.Trainer`` (a protocol, so that this
+    module, which ``loop`` imports, need not import ``loop`` back)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    temperature: TemperatureSchedule
+    opts: Any  # FinetuneOptions
+    ctx: Any  # the distributed context: rank, world
+    sampler: Any
+    fingerprint: Any
+    classes: list[str] | None
+    history: list[Any]
+    teacher_config: Any
+    epoch: int
+    batch: int
+    iteration: int
+    iters_per_epoch: int
+    epoch_sums: Any
+    top1_original: float | None
+    top1_before: float | None
+    _stop_requested: bool
+    _stop_signal: int | None
+
 
 # Options that fix the sample order: a resumed run must use the same ones.
 ORDER_OPTIONS = ("batch_size", "seed", "train_subset")
