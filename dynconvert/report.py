@@ -161,7 +161,7 @@ class ConversionReport:
         folder = path.parent
         if not folder.is_dir():
             raise DynconvertError(f"cannot write {path}: folder {folder} does not exist")
-        from .io.files import atomic_write_text  # io imports this module
+        from .files import atomic_write_text
 
         atomic_write_text(json.dumps(self.to_dict(), indent=2) + "\n", path)
         return path

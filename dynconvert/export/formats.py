@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import DynconvertError
+from ..files import EXPORT_SUFFIXES, format_for_suffix  # noqa: F401  (re-exported)
 from .deps import require
 
 Runner = Callable[[torch.Tensor], list[torch.Tensor]]
@@ -158,22 +159,11 @@ class ExportFormat:
 
 
 FORMATS: dict[str, ExportFormat] = {
-    "pt2": ExportFormat(
-        "pt2", ".pt2", "torch.export ExportedProgram", _write_pt2, _load_pt2
-    ),
-    "onnx": ExportFormat(
-        "onnx", ".onnx", "ONNX (torch.export-based exporter)", _write_onnx, _load_onnx
-    ),
-    "torchscript": ExportFormat(
-        "torchscript", ".ts", "TorchScript (torch.jit.trace)", _write_torchscript,
-        _load_torchscript,
-    ),
+    "pt2": ExportFormat("pt2", EXPORT_SUFFIXES["pt2"], "torch.export ExportedProgram",
+                        _write_pt2, _load_pt2),
+    "onnx": ExportFormat("onnx", EXPORT_SUFFIXES["onnx"], "ONNX (torch.export-based exporter)",
+                         _write_onnx, _load_onnx),
+    "torchscript": ExportFormat("torchscript", EXPORT_SUFFIXES["torchscript"],
+                                "TorchScript (torch.jit.trace)", _write_torchscript,
+                                _load_torchscript),
 }  # fmt: skip
-
-
-def format_for_suffix(path: Path) -> str | None:
-    """The format whose usual file suffix ``path`` has (``.pt2``, ``.onnx``, ``.ts``)."""
-    for fmt in FORMATS.values():
-        if path.suffix.lower() == fmt.suffix:
-            return fmt.name
-    return None

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import DynconvertError
-from ..io.files import safe_torch_load
+from ..files import safe_torch_load
 
 FORMAT = "dynconvert.finetune-checkpoint/1"
 

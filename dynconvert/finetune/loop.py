@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ..errors import DynconvertError
+from ..files import atomic_torch_save
 from ..interrupts import interrupt_for
-from ..io.files import atomic_torch_save
 from . import checkpoint as ckpt
 from . import precision
 from .data import iterations_per_epoch, prepare_data

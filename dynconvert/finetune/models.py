@@ -240,7 +240,7 @@ def _raised(exc: BaseException) -> str:
 
 def load_weights(model: nn.Module, path: Path, spec: str) -> None:
     """Load the state dict at ``path`` into ``model`` strictly, every problem in one line."""
-    from ..io.files import safe_torch_load
+    from ..files import safe_torch_load
 
     if path.is_dir():
         raise DynconvertError(

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DynconvertError
-from ..io.files import atomic_output
+from ..files import atomic_output
 
 PANELS = (
     ("train_loss", "train loss"),

@@ -41,8 +41,7 @@ command's outputs checked against its inputs and each other), ``conversion`` (wh
 recorded about the conversion), ``saved_model`` (``save``, ``read``, ``load``).
 """
 
-from .conversion import CONVERSION_ATTR
-from .files import (
+from ..files import (
     atomic_output,
     atomic_torch_save,
     atomic_write_text,
@@ -50,6 +49,7 @@ from .files import (
     check_output_path,
     safe_torch_load,
 )
+from .conversion import CONVERSION_ATTR
 from .outputs import check_outputs
 from .saved_model import FORMAT, VERSION, load, read, save
 

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from ..errors import DynconvertError
+from ..files import check_output_path, same_file
 from ..interrupts import plan_outputs
-from .files import check_output_path, same_file
 
 PathMap = Mapping[str, "str | Path | None"]
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import DynconvertError
+from ..files import atomic_torch_save, check_output_path, format_for_suffix, safe_torch_load
 from ..layers import DynamicConvNd
 from ..sources.records import source_problem
 from .conversion import (
@@ -25,7 +26,6 @@ from .conversion import (
     report_of_layers,
     submodule_or_none,
 )
-from .files import atomic_torch_save, check_output_path, safe_torch_load
 
 FORMAT = "dynconvert"
 VERSION = 1
@@ -135,8 +135,6 @@ def read(path: str | os.PathLike[str], *, map_location: Any = "cpu") -> dict[str
         raise DynconvertError(f"{path} does not exist")
     if path.is_dir():
         raise DynconvertError(f"{path} is a folder, not a dynconvert file")
-    from ..export.formats import format_for_suffix  # (export imports io)
-
     exported = format_for_suffix(path)
     if exported:
         raise DynconvertError(

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from ..errors import DynconvertError
-from ..interrupts import record_written, signals_held
+from .errors import DynconvertError
+from .interrupts import record_written, signals_held
 
 try:
     import fcntl
@@ -247,3 +247,16 @@ def safe_torch_load(path: Path, map_location: Any) -> Any:
         else:
             what = f"corrupt or not a torch file ({type(exc).__name__} while reading it)"
         raise DynconvertError(f"{path} is {what}; save or copy it again") from None
+
+
+#: The suffix each export format's files usually have: ``io.read`` names an exported file
+#: given in place of a dynconvert file, ``export`` checks ``--out`` against ``--format``.
+EXPORT_SUFFIXES: dict[str, str] = {"pt2": ".pt2", "onnx": ".onnx", "torchscript": ".ts"}
+
+
+def format_for_suffix(path: Path) -> str | None:
+    """The export format whose usual file suffix ``path`` has (``.pt2``, ``.onnx``, ``.ts``)."""
+    for name, suffix in EXPORT_SUFFIXES.items():
+        if path.suffix.lower() == suffix:
+            return name
+    return None
