@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..layers import STRATEGIES
+from .variants import DEFAULT_VARIANT, variant_named
 
 DEPTHWISE_POLICIES = ("convert", "skip")
 DIMS = (1, 2, 3)
@@ -47,6 +48,9 @@ class ConvertConfig:
     * ``seed``: kernels are drawn from a ``torch.Generator`` seeded with it (deterministic).
     * ``input_size``: per-sample input shape (e.g. ``(3, 224, 224)``) used to measure shapes
       and MACs; ``None`` uses timm's ``pretrained_cfg['input_size']`` when there is one.
+    * ``variant``: the kind of dynamic convolution, a name registered with
+      :func:`~dynconvert.convert.register_variant` (its router and exact start); ``"dy"`` is
+      Chen et al.'s. Files saved before variants existed load as ``"dy"``.
     """
 
     k: int = 4
@@ -62,6 +66,7 @@ class ConvertConfig:
     strategy: str = "auto"
     seed: int = 0
     input_size: tuple[int, ...] | None = None
+    variant: str = DEFAULT_VARIANT
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise through the back door, once
@@ -106,6 +111,9 @@ class ConvertConfig:
                     f"spatial dims, e.g. (3, 224, 224); got {self.input_size!r}"
                 )
             set_(self, "input_size", size)
+        if not isinstance(self.variant, str):
+            raise TypeError(f"variant: expected a registered name, got {self.variant!r}")
+        variant_named(self.variant)  # a ValueError that names the registered ones
 
     def to_dict(self) -> dict[str, Any]:
         """Plain python types only (lists, not tuples), for JSON and weights-only torch files."""

@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import DynconvertError
 from ..layers import DynamicConvNd
 from .config import ConvertConfig
-from .converters import Converter, carried_parameters, converter_for
+from .source_layers import Converter, carried_parameters, converter_for
 from .discover import ConvSite
 
 ALREADY_DYNAMIC = "already dynamic"  # the skip reason of a DynamicConvNd
