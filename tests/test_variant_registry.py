@@ -125,7 +125,7 @@ def test_toy_router_gets_a_gradient_and_has_no_temperature():
         grads = [p.grad for p in layer.router_parameters()]
         assert any(g is not None and g.abs().max() > 0 for g in grads)
         assert not layer.has_temperature
-        with pytest.raises(TypeError, match="sigmoid router .* has no temperature"):
+        with pytest.raises(TypeError, match=r"sigmoid router .* has no temperature"):
             layer.set_temperature(2.0)
 
 
@@ -179,6 +179,6 @@ def test_toy_model_fine_tunes_one_step():
 
 
 def test_unknown_variant_names_the_registered_ones():
-    with pytest.raises(ValueError, match="variant: expected one of dy, .*toy.*, got 'nope'"):
+    with pytest.raises(ValueError, match=r"variant: expected one of dy, .*toy.*, got 'nope'"):
         ConvertConfig(variant="nope")
     assert ConvertConfig.from_dict({"k": 4}).variant == "dy"  # files saved before variants

@@ -61,9 +61,7 @@ def variant_named(name: str) -> Variant:
     try:
         return _VARIANTS[name]
     except KeyError:
-        raise ValueError(
-            f"variant: expected one of {', '.join(_VARIANTS)}, got {name!r}"
-        ) from None
+        raise ValueError(f"variant: expected one of {', '.join(_VARIANTS)}, got {name!r}") from None
 
 
 def variant_of(layer: nn.Module) -> str | None:

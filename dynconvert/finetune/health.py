@@ -1,9 +1,10 @@
 """Attention health: how the routers of the dynamic layers spread their weight over K kernels.
 
 A routing hook on each dynamic layer (its router's ``(B, K)`` weights, e.g. the softmax of
-Chen et al., CVPR 2020, eq. 3, taken as each kernel's share of the mix by the router's
-``kernel_shares``) accumulates the mean attention entropy and each kernel's mean share. A kernel whose share falls far below ``1/K`` is effectively unused: its
-parameters cost memory and time but add no capacity.
+Chen et al., CVPR 2020, eq. 3, read as each kernel's share of the mix by the router's
+``kernel_shares``) accumulates the mean attention entropy and each kernel's mean share. A
+kernel whose share falls far below ``1/K`` is effectively unused: its parameters cost memory
+and time but add no capacity.
 """
 
 from __future__ import annotations

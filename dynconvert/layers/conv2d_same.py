@@ -95,7 +95,7 @@ class DynamicConv2dSame(DynamicConv2d):
             device=weight.device,
             dtype=weight.dtype,
         )
-        layer.start(conv, noise, generator, start)
+        layer.start_as(conv, noise, generator, start)
         return layer
 
     def _static_conv(self, **factory: Any) -> nn.Module:

@@ -18,14 +18,13 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch.utils.hooks import RemovableHandle
 
 from .layout import output_memory_format
 from .padding import ResolvedPadding, ntuple, resolve_padding
 from .routers import Router, SoftmaxRouter
 from .start import StartFn, zero_sum_kernels
-from .strategies import STRATEGIES, graph_capture, mix_kernels, run_strategy
+from .strategies import STRATEGIES, graph_capture, run_strategy
 
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -179,7 +178,7 @@ class DynamicConvNd(nn.Module):
             device=weight.device,
             dtype=weight.dtype,
         )
-        layer.start(conv, noise, generator, start)
+        layer.start_as(conv, noise, generator, start)
         return layer
 
     @torch.no_grad()
@@ -214,7 +213,7 @@ class DynamicConvNd(nn.Module):
             **factory,
         )
 
-    def start(
+    def start_as(
         self,
         conv: nn.Module,
         noise: float,
@@ -305,10 +304,6 @@ class DynamicConvNd(nn.Module):
     @property
     def conv_padding(self) -> tuple[int, ...]:
         return self._resolved.conv_padding
-
-    def mixed_weight(self, attn: torch.Tensor) -> torch.Tensor:
-        """The per-sample kernels ``(B, out, in/groups, *kernel)`` for attention ``(B, K)``."""
-        return mix_kernels(self.weight, attn)
 
     # -- forward ------------------------------------------------------------------------
 

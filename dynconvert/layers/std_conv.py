@@ -166,7 +166,7 @@ class DynamicStdConv2d(DynamicConv2d):
             device=weight.device,
             dtype=weight.dtype,
         )
-        layer.start(conv, noise, generator, start)
+        layer.start_as(conv, noise, generator, start)
         if scaled:
             layer.scale = float(conv.scale)
             with torch.no_grad():
