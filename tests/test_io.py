@@ -88,6 +88,24 @@ def test_timm_round_trip_is_exact(timm_saved):
     assert layers == timm_saved[1].converted_names
 
 
+def test_file_saved_before_routers_had_a_protocol_still_loads(timm_saved, tmp_path):
+    """Earlier files name the router class KernelAttention and record no variant."""
+    _, _, path, x, ref = timm_saved
+    data = torch.load(path, weights_only=True)
+    del data["config"]["variant"]
+    for row in data["architecture"]:
+        if row[1] == "SoftmaxRouter":
+            row[1] = "KernelAttention"
+    assert any(row[1] == "KernelAttention" for row in data["architecture"])
+    assert any(key.endswith(".attention.fc1.weight") for key in data["state_dict"])
+    old = tmp_path / "old.pt"
+    torch.save(data, old)
+    loaded = dynconvert.load(old).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ref)
+    assert getattr(loaded, CONVERSION_ATTR)["config"]["variant"] == "dy"
+
+
 def test_loaded_model_saves_again_with_its_options(timm_saved, tmp_path):
     _, report, path, x, ref = timm_saved
     loaded = dynconvert.load(path)

@@ -77,34 +77,34 @@ def test_finetune_recipe_keys_are_the_fields():
 
 
 @dataclasses.dataclass(frozen=True)
-class _WithVariant(ConvertConfig):
+class _WithNewOptions(ConvertConfig):
     """A new option added the way a developer adds one: a plain field, nothing else."""
 
-    variant: str = "dynamic"
+    gate_mode: str = "hard"
     gate_scale: float | None = None
 
 
 def test_a_new_plain_field_becomes_a_flag_and_a_recipe_key():
-    schema = recipe_schema(_WithVariant)
-    assert schema["variant"] == (str,)
+    schema = recipe_schema(_WithNewOptions)
+    assert schema["gate_mode"] == (str,)
     assert schema["gate_scale"] == (int, float, type(None))
 
     seen = {}
 
     @click.command()
-    @dataclass_options(_WithVariant)
+    @dataclass_options(_WithNewOptions)
     def command(**options):
         seen.update(options)
 
-    result = CliRunner().invoke(command, ["--variant", "cond", "--gate-scale", "2.5", "--k", "3"])
+    result = CliRunner().invoke(command, ["--gate-mode", "soft", "--gate-scale", "2.5", "--k", "3"])
     assert result.exit_code == 0, result.output
-    assert seen["variant"] == "cond" and seen["gate_scale"] == 2.5 and seen["k"] == 3
-    config = _WithVariant(**{k: v or None if k in ("include", "exclude") else v
+    assert seen["gate_mode"] == "soft" and seen["gate_scale"] == 2.5 and seen["k"] == 3
+    config = _WithNewOptions(**{k: v or None if k in ("include", "exclude") else v
                              for k, v in seen.items()})  # fmt: skip
-    assert config.variant == "cond"
+    assert config.gate_mode == "soft"
     seen.clear()
     assert CliRunner().invoke(command, []).exit_code == 0
-    assert seen["variant"] == "dynamic" and seen["gate_scale"] is None
+    assert seen["gate_mode"] == "hard" and seen["gate_scale"] is None
 
 
 def test_conversion_options_refuse_out_of_range_values():

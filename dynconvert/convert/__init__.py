@@ -1,8 +1,9 @@
 """Select the convolutions of a model (torch.fx + the module tree) and swap them in place.
 
-``discover`` finds the convs and how they are used, ``select`` decides, ``converters`` builds
-exact dynamic counterparts, ``replace`` swaps them into the module tree, ``api.convert`` ties
-these together and returns a :class:`~dynconvert.report.ConversionReport`.
+``discover`` finds the convs and how they are used, ``select`` decides, ``source_layers`` (which
+dynamic layer rebuilds which conv type) and ``variants`` (which router, which exact start)
+build exact dynamic counterparts, ``replace`` swaps them into the module tree, ``api.convert``
+ties these together and returns a :class:`~dynconvert.report.ConversionReport`.
 """
 
 import sys
@@ -10,10 +11,18 @@ import types
 
 from .api import convert
 from .config import ConvertConfig
-from .converters import register_converter
 from .replace import swap_named
+from .source_layers import register_source_layer
+from .variants import Variant, register_variant
 
-__all__ = ["ConvertConfig", "convert", "register_converter", "swap_named"]
+__all__ = [
+    "ConvertConfig",
+    "Variant",
+    "convert",
+    "register_source_layer",
+    "register_variant",
+    "swap_named",
+]
 
 
 class _CallableModule(types.ModuleType):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Any
 
@@ -17,25 +18,6 @@ from .discover import discover
 from .replace import module_order, swap_modules
 from .select import Decision, decide, validate
 from .sites import ConvSite
-
-_CONFIG_DEFAULTS = ConvertConfig()
-
-
-class _KeywordDefault:
-    """A keyword left at its :class:`ConvertConfig` default, so that ``config=`` plus an
-    explicit keyword is refused even when the keyword's value equals the default."""
-
-    def __init__(self, name: str) -> None:
-        self.value = getattr(_CONFIG_DEFAULTS, name)
-
-    def __repr__(self) -> str:  # help(convert) shows the plain default
-        return repr(self.value)
-
-
-#: The keyword defaults of :func:`convert`, one per :class:`ConvertConfig` field.
-_KEYWORD_DEFAULTS: dict[str, Any] = {
-    f.name: _KeywordDefault(f.name) for f in dataclasses.fields(ConvertConfig)
-}
 
 
 def _count(params) -> int:
@@ -105,51 +87,49 @@ def _row(decision: Decision, new: nn.Module | None, config: ConvertConfig, model
 
 
 def _config_from(options: dict[str, Any], config: ConvertConfig | None) -> ConvertConfig:
-    given = {k: v for k, v in options.items() if not isinstance(v, _KeywordDefault)}
+    known = {f.name for f in dataclasses.fields(ConvertConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(
+            f"convert() got unexpected keyword(s) {', '.join(unknown)}; the options are the "
+            f"fields of ConvertConfig: {', '.join(sorted(known))}"
+        )
     if config is not None:
         if not isinstance(config, ConvertConfig):
             raise TypeError(f"config: expected a ConvertConfig, got {type(config).__name__}")
-        mixed = sorted(given)
-        if mixed:
+        if options:
             raise DynconvertError(
                 f"convert: pass options either in config= or as keywords, not both "
-                f"(got config and {', '.join(mixed)}); use dataclasses.replace(config, ...)",
+                f"(got config and {', '.join(sorted(options))}); use "
+                "dataclasses.replace(config, ...)",
                 usage=True,
             )
         return config
     try:
-        return ConvertConfig(**given)
+        return ConvertConfig(**options)
     except (TypeError, ValueError) as exc:
         raise DynconvertError(str(exc), usage=True) from exc
 
 
 def convert(
     model: nn.Module,
-    k: int = _KEYWORD_DEFAULTS["k"],
+    k: int | None = None,
     *,
-    include: str | list[str] | None = _KEYWORD_DEFAULTS["include"],
-    exclude: str | list[str] | None = _KEYWORD_DEFAULTS["exclude"],
-    skip_stem: bool = _KEYWORD_DEFAULTS["skip_stem"],
-    min_channels: int = _KEYWORD_DEFAULTS["min_channels"],
-    depthwise: str = _KEYWORD_DEFAULTS["depthwise"],
-    ratio: float = _KEYWORD_DEFAULTS["ratio"],
-    temperature: float = _KEYWORD_DEFAULTS["temperature"],
-    dims: tuple[int, ...] = _KEYWORD_DEFAULTS["dims"],
-    noise: float = _KEYWORD_DEFAULTS["noise"],
-    strategy: str = _KEYWORD_DEFAULTS["strategy"],
-    seed: int = _KEYWORD_DEFAULTS["seed"],
-    input_size: tuple[int, ...] | None = _KEYWORD_DEFAULTS["input_size"],
     example_input: torch.Tensor | None = None,
     config: ConvertConfig | None = None,
+    **options: Any,
 ) -> tuple[nn.Module, ConversionReport]:
     """Replace the convolutions of ``model`` by dynamic convolutions, in place.
 
     Returns the same ``model`` object (its class, methods and attributes are kept) and a
     :class:`~dynconvert.report.ConversionReport`. Right after conversion the model computes
     what it computed before (Chen et al., CVPR 2020: uniform attention over K kernels whose
-    mean is the trained kernel). Options are described in :class:`ConvertConfig`; pass either
-    ``config=`` or keywords, not both. ``example_input`` (a batch) overrides ``input_size`` for
-    the shape probe.
+    mean is the trained kernel). The keyword options are the fields of :class:`ConvertConfig`
+    (``k``, ``include``, ``exclude``, ``skip_stem``, ``variant``, ...: its fields are their one
+    source, with defaults and help); pass either ``config=`` or keywords, not both.
+    ``example_input`` (a batch) overrides ``input_size`` for the shape probe.
+
+    >>> model, report = convert(timm.create_model("resnet18"), k=4, exclude="layer4.*")
 
     Everything is checked before the model is touched: an ``include`` pattern matching no conv
     or nothing to convert raises :class:`~dynconvert.errors.DynconvertError` and leaves the
@@ -163,12 +143,8 @@ def convert(
             "the eager nn.Module it was scripted or traced from",
             usage=True,
         )
-    options = {
-        "k": k, "include": include, "exclude": exclude, "skip_stem": skip_stem,
-        "min_channels": min_channels, "depthwise": depthwise, "ratio": ratio,
-        "temperature": temperature, "dims": dims, "noise": noise, "strategy": strategy,
-        "seed": seed, "input_size": input_size,
-    }  # fmt: skip
+    if k is not None:
+        options["k"] = k
     config = _config_from(options, config)
     if example_input is not None and not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input: expected a tensor, got {type(example_input).__name__}")
@@ -198,3 +174,29 @@ def convert(
         model_params_after=_count(model.parameters()),
     )
     return model, report
+
+
+def _signature_from_fields() -> inspect.Signature:
+    """``help(convert)`` lists every ConvertConfig field as a keyword, with its default."""
+    head = [
+        inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=nn.Module)
+    ]
+    fields = [
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD
+            if f.name == "k"
+            else inspect.Parameter.KEYWORD_ONLY,
+            default=f.default if f.default is not dataclasses.MISSING else f.default_factory(),
+            annotation=f.type,
+        )
+        for f in sorted(dataclasses.fields(ConvertConfig), key=lambda f: f.name != "k")
+    ]
+    tail = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+        for name in ("example_input", "config")
+    ]
+    return inspect.Signature([*head, *fields, *tail])
+
+
+convert.__signature__ = _signature_from_fields()

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..layers import STRATEGIES
 from ..option_fields import option
+from .variants import DEFAULT_VARIANT, variant_named
 
 DEPTHWISE_POLICIES = ("convert", "skip")
 DIMS = (1, 2, 3)
@@ -56,6 +57,9 @@ class ConvertConfig:
     * ``seed``: kernels are drawn from a ``torch.Generator`` seeded with it (deterministic).
     * ``input_size``: per-sample input shape (e.g. ``(3, 224, 224)``) used to measure shapes
       and MACs; ``None`` uses timm's ``pretrained_cfg['input_size']`` when there is one.
+    * ``variant``: the kind of dynamic convolution, a name registered with
+      :func:`~dynconvert.convert.register_variant` (its router and exact start); ``"dy"`` is
+      Chen et al.'s. Files saved before variants existed load as ``"dy"``.
     """
 
     k: int = option(4, "Kernels per dynamic conv (K).", minimum=1)
@@ -92,6 +96,10 @@ class ConvertConfig:
     seed: int = option(0, "Seed of the kernel perturbation.")
     input_size: tuple[int, ...] | None = option(
         None, "Input size for shapes and MACs (default: the model's).", value="shape"
+    )
+    variant: str = option(
+        DEFAULT_VARIANT,
+        "Kind of dynamic conv: a registered variant ('dy': Chen et al., CVPR 2020).",
     )
 
     def __post_init__(self) -> None:
@@ -137,6 +145,9 @@ class ConvertConfig:
                     f"spatial dims, e.g. (3, 224, 224); got {self.input_size!r}"
                 )
             set_(self, "input_size", size)
+        if not isinstance(self.variant, str):
+            raise TypeError(f"variant: expected a registered name, got {self.variant!r}")
+        variant_named(self.variant)  # a ValueError that names the registered ones
 
     def to_dict(self) -> dict[str, Any]:
         """Plain python types only (lists, not tuples), for JSON and weights-only torch files."""

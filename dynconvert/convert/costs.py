@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from ..layers.attention import attention_width
+from ..layers.routers import router_width
 
 
 def conv_macs(
@@ -26,7 +26,7 @@ def conv_macs(
 
 
 def router_params(in_channels: int, k: int, ratio: float) -> int:
-    hidden = attention_width(in_channels, ratio)
+    hidden = router_width(in_channels, ratio)
     return in_channels * hidden + hidden + hidden * k + k
 
 
@@ -41,7 +41,7 @@ def dynamic_overhead_macs(
 ) -> int:
     """MACs a dynamic conv adds to the static conv for one call on ``input_shape`` (per sample)."""
     in_channels = input_shape[0]
-    hidden = attention_width(in_channels, ratio)
+    hidden = router_width(in_channels, ratio)
     pool = math.prod(input_shape)
     router = in_channels * hidden + hidden * k
     weight_numel = out_channels * (in_channels // groups) * math.prod(kernel)

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import DynconvertError
 from .config import ConvertConfig
-from .converters import converter_for
+from .source_layers import converter_for
 
 
 def _parent_slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:

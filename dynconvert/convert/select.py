@@ -16,8 +16,8 @@ from torch import nn
 from ..errors import DynconvertError, UnmatchedPatternWarning
 from ..layers import DynamicConvNd
 from .config import ConvertConfig
-from .converters import Converter, carried_parameters, converter_for
 from .sites import ConvSite
+from .source_layers import Converter, carried_parameters, converter_for
 
 ALREADY_DYNAMIC = "already dynamic"  # the skip reason of a DynamicConvNd
 

@@ -94,6 +94,8 @@ def find_pairs(model: nn.Module, graph: fx.Graph) -> list[tuple[str, str]]:
             continue
         if isinstance(conv, DynamicStdConv2d):
             continue  # its kernels are standardized: a BatchNorm's scale cannot go into them
+        if not conv.router.sums_to_one:
+            continue  # the shift t would be added Σ_k a_k ≠ 1 times
         (user,) = node.users
         if user.op != "call_module" or user.args != (node,) or user.kwargs:
             continue

@@ -1,9 +1,10 @@
 """Attention health: how the routers of the dynamic layers spread their weight over K kernels.
 
-A forward hook on each ``layer.attention`` (whose output is the ``(B, K)`` softmax of
-Chen et al., CVPR 2020, eq. 3) accumulates the mean attention entropy and each kernel's
-mean share. A kernel whose share falls far below ``1/K`` is effectively unused: its
-parameters cost memory and time but add no capacity.
+A routing hook on each dynamic layer (its router's ``(B, K)`` weights, e.g. the softmax of
+Chen et al., CVPR 2020, eq. 3, read as each kernel's share of the mix by the router's
+``kernel_shares``) accumulates the mean attention entropy and each kernel's mean share. A
+kernel whose share falls far below ``1/K`` is effectively unused: its parameters cost memory
+and time but add no capacity.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class AttentionMonitor:
 
     def attach(self) -> AttentionMonitor:
         for name, layer in self.layers.items():
-            self._handles.append(layer.attention.register_forward_hook(self._hook(name)))
+            self._handles.append(layer.register_routing_hook(self._hook(name, layer)))
         return self
 
     def detach(self) -> None:
@@ -49,9 +50,9 @@ class AttentionMonitor:
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
-    def _hook(self, name: str):
-        def record(module: nn.Module, inputs: Any, attn: torch.Tensor) -> None:
-            attn = attn.detach().float()
+    def _hook(self, name: str, layer: DynamicConvNd):
+        def record(weights: torch.Tensor) -> None:
+            attn = layer.router.kernel_shares(weights.detach().float())
             entropy = -(attn * attn.clamp_min(1e-12).log()).sum(dim=1)
             self._entropy[name] += entropy.sum().item()
             share = attn.sum(dim=0).cpu()

@@ -101,7 +101,8 @@ def parameter_groups(
 ) -> list[dict]:
     """Three kinds of parameters, each with and without weight decay:
 
-    * ``attention``: the routers (``*.attention.*``), at ``attention_lr`` (default ``lr``);
+    * ``attention``: the routers (each dynamic layer's ``router_parameters()``), at
+      ``attention_lr`` (default ``lr``);
     * ``kernels``: the K kernels and biases of the dynamic layers, at ``lr * kernel_lr_scale``.
       Under uniform attention each kernel gets ``1/K`` of the gradient of the conv it
       replaced, so the mixed kernel learns K times slower than the static conv did;
@@ -111,18 +112,14 @@ def parameter_groups(
     Biases and 1-D parameters (norms) get no weight decay. Dynamic-conv biases are
     ``(K, out)``, so biases are found by name, not by ``ndim``.
     """
-    kernels = {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, DynamicConvNd)
-        for p in (m.weight, m.bias)
-        if p is not None
-    }
+    layers = [m for m in model.modules() if isinstance(m, DynamicConvNd)]
+    kernels = {id(p) for m in layers for p in m.kernel_parameters()}
+    routers = {id(p) for m in layers for p in m.router_parameters()}
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if ".attention." in f".{name}":
+        if id(param) in routers:
             kind = "attention"
         else:
             kind = "kernels" if id(param) in kernels else "main"

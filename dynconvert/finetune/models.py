@@ -17,9 +17,14 @@ from ..layers import DynamicConvNd
 
 
 def _last_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    """The last ``nn.Linear`` outside the routers of the dynamic layers."""
+    routers = {
+        id(m) for layer in model.modules() if isinstance(layer, DynamicConvNd)
+        for m in layer.router.modules()
+    }  # fmt: skip
     found = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and ".attention." not in f".{name}.":
+        if isinstance(module, nn.Linear) and id(module) not in routers:
             found = (name, module)
     return found
 
@@ -78,19 +83,19 @@ def check_head(model: nn.Module, classes: list[str] | None) -> None:
 
 
 def static_twin(model: nn.Module, *, keep_trained_routers: bool = False) -> nn.Module:
-    """A copy of ``model`` whose dynamic convs are plain convs with the mean of their K kernels.
+    """A copy of ``model`` whose dynamic convs are plain convs: each layer's K kernels mixed by
+    its router's constant start weights (for a softmax router, their mean).
 
-    Each such conv computes what its layer computes under a uniform router, at the static
+    Each such conv computes what its layer computes under constant routing, at the static
     cost: for a freshly converted model, the model it came from; for a trained one, the
     function without the per-sample attention. ``keep_trained_routers`` leaves the layers
-    whose router has trained (non-zero logit layer) dynamic.
+    whose router has trained (no longer at its start: non-zero logit layer) dynamic.
     """
     twin = copy.deepcopy(model)
     for name, module in list(twin.named_modules()):
         if not isinstance(module, DynamicConvNd):
             continue
-        fc2 = module.attention.fc2
-        if keep_trained_routers and (fc2.weight.count_nonzero() or fc2.bias.count_nonzero()):
+        if keep_trained_routers and not module.router.at_start():
             continue
         if not name:
             return module.to_conv()

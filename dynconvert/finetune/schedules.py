@@ -82,5 +82,6 @@ def dynamic_layers(model: nn.Module) -> list[DynamicConvNd]:
 
 
 def current_temperature(model: nn.Module) -> float | None:
-    layers = dynamic_layers(model)
-    return layers[0].temperature if layers else None
+    """The temperature of the first dynamic layer that has one (None: no such layer)."""
+    layer = next((m for m in dynamic_layers(model) if m.has_temperature), None)
+    return None if layer is None else layer.temperature

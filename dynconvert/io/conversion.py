@@ -12,9 +12,10 @@ from typing import Any
 
 from torch import nn
 
+from ..convert.variants import variant_of
 from ..errors import DynconvertError
 from ..layers import DynamicConvNd
-from ..layers.attention import attention_width
+from ..layers.routers import router_width
 
 # Set by ``load`` on the model it returns: {"config": dict, "converted": [...], "report": dict}.
 CONVERSION_ATTR = "_dynconvert_conversion"
@@ -42,8 +43,8 @@ def check_config_fits(model: nn.Module, names: list[str], config: dict[str, Any]
     k, ratio = config.get("k"), config.get("ratio")
     for name in names:
         layer = model.get_submodule(name)
-        width = layer.attention.fc1.out_features
-        if layer.k != k or attention_width(layer.in_channels, ratio) != width:
+        width = layer.router.width
+        if layer.k != k or router_width(layer.in_channels, ratio) != width:
             raise DynconvertError(
                 f"the conversion options (k={k}, ratio={ratio}) do not fit {name!r} (k={layer.k}, "
                 f"router width {width} for {layer.in_channels} channels); pass the report or "
@@ -67,6 +68,8 @@ _ARCHITECTURE_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "
                        "dilation", "groups", "padding_mode", "k", "output_size", "pool_type",
                        "ceil_mode")  # fmt: skip
 _LIBRARIES = ("torch.", "timm.", "dynconvert.")
+#: dynconvert classes renamed since files recorded their names: old name → new name.
+_RENAMED_CLASSES = {"KernelAttention": "SoftmaxRouter"}
 
 
 def architecture(model: nn.Module) -> list[list[str]]:
@@ -98,7 +101,8 @@ def architecture_difference(saved: list, rebuilt: list) -> str | None:
             return f"{name!r} exists only in {where}"
     for name, row in theirs.items():
         mine = ours[name]
-        if (row[1] and mine[1] and row[1] != mine[1]) or row[2] != mine[2]:
+        saved_class = _RENAMED_CLASSES.get(row[1], row[1])
+        if (saved_class and mine[1] and saved_class != mine[1]) or row[2] != mine[2]:
             return f"{name or 'the model'}: saved {row[1]}({row[2]}), rebuilt {mine[1]}({mine[2]})"
     return None
 
@@ -159,19 +163,21 @@ def _infer_conversion(model: nn.Module) -> dict[str, Any]:
                 "report": None}  # fmt: skip
     ks = {m.k for _, m in layers}
     ratio = _common_ratio([m for _, m in layers])
-    if len(ks) > 1 or ratio is None:
+    variants = {variant_of(m) for _, m in layers}
+    if len(ks) > 1 or ratio is None or len(variants) > 1 or None in variants:
         raise DynconvertError(
-            "the dynamic layers differ in k or router width, so one set of options cannot "
-            "rebuild them; pass report= (from dynconvert.convert) to save"
+            "the dynamic layers differ in k, router width or variant (or have a router of no "
+            "registered variant), so one set of options cannot rebuild them; pass report= "
+            "(from dynconvert.convert) to save"
         )
     # The most common strategy is the option; the file records the others per layer.
     strategies = Counter(m.strategy for _, m in layers)
-    config = ConvertConfig(
-        k=ks.pop(),
-        ratio=ratio,
-        temperature=layers[0][1].temperature,
-        strategy=strategies.most_common(1)[0][0],
-    )
+    options = {"k": ks.pop(), "ratio": ratio, "strategy": strategies.most_common(1)[0][0],
+               "variant": variants.pop()}  # fmt: skip
+    with_temperature = [m for _, m in layers if m.has_temperature]
+    if with_temperature:
+        options["temperature"] = with_temperature[0].temperature
+    config = ConvertConfig(**options)
     names = [n for n, _ in layers]
     return {
         "config": config.to_dict(),
@@ -185,11 +191,9 @@ def _common_ratio(layers: list[DynamicConvNd]) -> float | None:
     """A router ``ratio`` that gives every layer its router width (0.25, the default, first)."""
 
     def fits(ratio: float) -> bool:
-        return all(
-            attention_width(m.in_channels, ratio) == m.attention.fc1.out_features for m in layers
-        )
+        return all(router_width(m.in_channels, ratio) == m.router.width for m in layers)
 
-    candidates = [0.25] + [m.attention.fc1.out_features / m.in_channels for m in layers]
+    candidates = [0.25] + [m.router.width / m.in_channels for m in layers]
     return next((r for r in candidates if fits(r)), None)
 
 

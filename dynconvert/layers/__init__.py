@@ -1,14 +1,9 @@
-"""Dynamic convolution layers (Chen et al., CVPR 2020)."""
+"""Dynamic convolution layers (Chen et al., CVPR 2020) and their routers."""
 
-from .attention import KernelAttention
 from .conv2d_same import DynamicConv2dSame
-from .dynamic_conv import (
-    DynamicConv1d,
-    DynamicConv2d,
-    DynamicConv3d,
-    DynamicConvNd,
-    zero_sum_kernels,
-)
+from .dynamic_conv import DynamicConv1d, DynamicConv2d, DynamicConv3d, DynamicConvNd
+from .routers import KernelAttention, PooledRouter, Router, SoftmaxRouter
+from .start import StartFn, zero_sum_kernels
 from .std_conv import DynamicStdConv2d
 from .strategies import STRATEGIES, select_strategy
 
@@ -21,6 +16,10 @@ __all__ = [
     "DynamicConvNd",
     "DynamicStdConv2d",
     "KernelAttention",
+    "PooledRouter",
+    "Router",
+    "SoftmaxRouter",
+    "StartFn",
     "select_strategy",
     "zero_sum_kernels",
 ]

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dynamic_conv import DynamicConv2d, _check_k
+from .routers import Router, SoftmaxRouter
+from .start import StartFn
 
 
 def same_pad_amount(size: int, kernel: int, stride: int, dilation: int) -> int:
@@ -59,6 +61,8 @@ class DynamicConv2dSame(DynamicConv2d):
         noise: float = 0.01,
         strategy: str = "auto",
         generator: torch.Generator | None = None,
+        router: type[Router] = SoftmaxRouter,
+        start: StartFn | None = None,
     ) -> DynamicConv2dSame:
         """The exact dynamic counterpart of a timm ``Conv2dSame`` (see ``DynamicConvNd.from_conv``).
 
@@ -87,10 +91,11 @@ class DynamicConv2dSame(DynamicConv2d):
             ratio=ratio,
             temperature=temperature,
             strategy=strategy,
+            router=router,
             device=weight.device,
             dtype=weight.dtype,
         )
-        layer.start_from(conv, noise, generator)
+        layer.start_as(conv, noise, generator, start)
         return layer
 
     def _static_conv(self, **factory: Any) -> nn.Module:

@@ -4,23 +4,27 @@ Chen et al., "Dynamic Convolution: Attention over Convolution Kernels", CVPR 202
 
 ``DynamicConv1d/2d/3d`` take every argument of ``nn.Conv1d/2d/3d`` (tuples, ``'same'``,
 padding modes, dilation, groups, bias, ``device``/``dtype``) plus ``k``, the router's
-``ratio`` and ``temperature``. :meth:`DynamicConvNd.from_conv` starts the layer exactly where a
-trained conv was (see :func:`zero_sum_kernels`).
+``ratio`` and ``temperature``, and the router's class (``router=``, see ``routers.py``).
+:meth:`DynamicConvNd.from_conv` starts the layer exactly where a trained conv was (see
+``start.py``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from .attention import KernelAttention
 from .layout import output_memory_format
 from .padding import ResolvedPadding, ntuple, resolve_padding
-from .strategies import STRATEGIES, graph_capture, mix_kernels, run_strategy
+from .routers import Router, SoftmaxRouter
+from .start import StartFn, zero_sum_kernels
+from .strategies import STRATEGIES, graph_capture, run_strategy
 
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -33,42 +37,13 @@ def _check_k(k: int) -> int:
     return k
 
 
-def zero_sum_kernels(
-    weight: torch.Tensor, k: int, noise: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """K copies of ``weight`` plus a perturbation that sums to zero over K.
-
-    With a uniform router (its logit layer is zero-initialised), the mixed kernel
-    ``Σ_k W_k / K`` is exactly ``weight``, so the converted layer computes the trained conv.
-    The copies still differ, so ``∂loss/∂a_k = <∂loss/∂W_mixed, W_k>`` differs over k and the
-    router gets a non-zero gradient; identical copies would leave it at exactly zero.
-
-    ``noise`` is relative to the standard deviation of ``weight`` (or of a Kaiming init when
-    ``weight`` is constant). The perturbation is drawn on the CPU (float32, or float64 for a
-    float64 weight), so it is the same on every device for one generator seed; float32 keeps
-    conversion of a ResNet-50 fast, and its rounding is far below the perturbation itself.
-    """
-    if not noise >= 0:
-        raise ValueError(f"noise: must be >= 0, got {noise!r}")
-    if weight.is_meta:  # a model built on the meta device to load weights into later
-        return weight.detach().unsqueeze(0).expand(k, *weight.shape).clone()
-    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    base = weight.detach().to("cpu", work)
-    std = base.std().item() if base.numel() > 1 else 0.0
-    if not math.isfinite(std) or std == 0.0:
-        std = 1.0 / math.sqrt(max(1, base[0].numel()))
-    perturbation = torch.randn((k, *base.shape), generator=generator, dtype=work)
-    perturbation -= perturbation.mean(dim=0, keepdim=True)
-    kernels = base.unsqueeze(0) + noise * std * perturbation
-    return kernels.to(weight.device, weight.dtype)
-
-
 class DynamicConvNd(nn.Module):
     """Base class of :class:`DynamicConv1d`, :class:`DynamicConv2d`, :class:`DynamicConv3d`.
 
     Parameters: ``weight`` ``(K, out, in/groups, *kernel)``, ``bias`` ``(K, out)`` or None,
-    and the router ``attention`` (``KernelAttention``), whose ``temperature`` buffer is part of
-    the state dict.
+    and the router under the name ``attention`` (a :class:`~.routers.Router`, by default
+    :class:`~.routers.SoftmaxRouter`, whose ``temperature`` buffer is part of the state dict).
+    Callers reach the router through :attr:`router` and the methods below, never its layers.
 
     ``strategy`` picks how the per-sample kernels are applied (see ``strategies.py``):
     ``'auto'`` (default) chooses by shape and mode; any name in ``STRATEGIES`` forces one.
@@ -93,6 +68,7 @@ class DynamicConvNd(nn.Module):
         ratio: float = 0.25,
         temperature: float = 1.0,
         strategy: str = "auto",
+        router: type[Router] = SoftmaxRouter,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -131,21 +107,21 @@ class DynamicConvNd(nn.Module):
             torch.empty((k, out_channels, in_channels // groups, *self.kernel_size), **factory)
         )
         self.bias = nn.Parameter(torch.empty((k, out_channels), **factory)) if bias else None
-        self.attention = KernelAttention(in_channels, k, ratio, temperature, **factory)
+        self.attention = router(in_channels, k, ratio, temperature, **factory)
         self.reset_parameters()
 
     # -- construction -------------------------------------------------------------------
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Each kernel gets ``nn.ConvNd``'s own init; the router starts uniform."""
+        """Each kernel gets ``nn.ConvNd``'s own init; the router starts constant."""
         fan_in = self.weight[0, 0].numel()
         for kernel in self.weight:
             nn.init.kaiming_uniform_(kernel, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
-        self.attention.reset_router()
+        self.attention.reset()
 
     @classmethod
     def from_conv(
@@ -158,6 +134,8 @@ class DynamicConvNd(nn.Module):
         noise: float = 0.01,
         strategy: str = "auto",
         generator: torch.Generator | None = None,
+        router: type[Router] = SoftmaxRouter,
+        start: StartFn | None = None,
     ) -> DynamicConvNd:
         """A dynamic layer that computes exactly what ``conv`` computes, until it is trained.
 
@@ -165,6 +143,8 @@ class DynamicConvNd(nn.Module):
         ``conv.weight`` plus a zero-sum perturbation (:func:`zero_sum_kernels`): the mixed
         kernel is ``conv.weight`` while the router's gradient is non-zero. Device, dtype and
         ``requires_grad`` follow ``conv``; the router trains iff ``conv.weight`` does.
+        ``router`` and ``start`` (default :meth:`start_from`) belong together: ``start``
+        makes the kernels exact under the router's start weights.
 
         Only exact ``nn.Conv1d/2d/3d`` (or subclasses that keep their ``forward``) are
         accepted: a subclass that overrides ``forward`` computes something else.
@@ -194,24 +174,30 @@ class DynamicConvNd(nn.Module):
             ratio=ratio,
             temperature=temperature,
             strategy=strategy,
+            router=router,
             device=weight.device,
             dtype=weight.dtype,
         )
-        layer.start_from(conv, noise, generator)
+        layer.start_as(conv, noise, generator, start)
         return layer
 
     @torch.no_grad()
     def to_conv(self) -> nn.Module:
-        """The static conv this layer computes under a uniform router: the mean of its K kernels.
+        """The static conv this layer computes under constant routing (the router's start
+        weights; the mean of the K kernels for a softmax router).
 
         The inverse of :meth:`from_conv` (the zero-sum perturbation averages out); the
         conv keeps the layer's device, dtype and train/eval mode.
         """
         conv = self._static_conv(device=self.weight.device, dtype=self.weight.dtype)
-        conv.weight.copy_(self.weight.mean(0))
-        if self.bias is not None:
-            conv.bias.copy_(self.bias.mean(0))
+        self.copy_constant_mix(conv)
         return conv.train(self.training)
+
+    def copy_constant_mix(self, conv: nn.Module) -> None:
+        """Set ``conv``'s weight and bias to this layer's kernels under constant routing."""
+        conv.weight.copy_(self.attention.constant_mix(self.weight))
+        if self.bias is not None:
+            conv.bias.copy_(self.attention.constant_mix(self.bias))
 
     def _static_conv(self, **factory: Any) -> nn.Module:
         return self.conv_type(
@@ -226,6 +212,19 @@ class DynamicConvNd(nn.Module):
             padding_mode=self.padding_mode,
             **factory,
         )
+
+    def start_as(
+        self,
+        conv: nn.Module,
+        noise: float,
+        generator: torch.Generator | None = None,
+        start: StartFn | None = None,
+    ) -> None:
+        """The exact start from ``conv``: ``start`` (a variant's), else :meth:`start_from`."""
+        if start is None:
+            self.start_from(conv, noise, generator)
+        else:
+            start(self, conv, noise, generator)
 
     @torch.no_grad()
     def start_from(
@@ -263,8 +262,36 @@ class DynamicConvNd(nn.Module):
             raise ValueError(f"strategy: expected one of {choices}, got {name!r}")
         self._strategy = name
 
+    # -- the router, through its protocol ----------------------------------------------
+
+    @property
+    def router(self) -> Router:
+        """The router (registered as ``attention``: that name is in saved state dicts)."""
+        return self.attention
+
+    def router_parameters(self) -> Iterator[nn.Parameter]:
+        return self.attention.parameters()
+
+    def kernel_parameters(self) -> list[nn.Parameter]:
+        """The K kernels and, when there is one, their K biases."""
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    def routing(self, x: torch.Tensor) -> torch.Tensor:
+        """The routing weights ``(B, K)`` of a batched input ``(B, C, *spatial)``."""
+        return self.attention(x)
+
+    def register_routing_hook(self, hook: Callable[[torch.Tensor], None]) -> RemovableHandle:
+        """Call ``hook(weights)`` with the ``(B, K)`` routing weights of every forward."""
+        return self.attention.register_forward_hook(lambda module, inputs, out: hook(out))
+
+    @property
+    def has_temperature(self) -> bool:
+        return self.attention.has_temperature
+
     @property
     def temperature(self) -> float:
+        if not self.attention.has_temperature:
+            raise self.attention.no_temperature()
         return float(self.attention.temperature)
 
     def set_temperature(self, value: float) -> None:
@@ -277,10 +304,6 @@ class DynamicConvNd(nn.Module):
     @property
     def conv_padding(self) -> tuple[int, ...]:
         return self._resolved.conv_padding
-
-    def mixed_weight(self, attn: torch.Tensor) -> torch.Tensor:
-        """The per-sample kernels ``(B, out, in/groups, *kernel)`` for attention ``(B, K)``."""
-        return mix_kernels(self.weight, attn)
 
     # -- forward ------------------------------------------------------------------------
 

@@ -30,6 +30,8 @@ from torch import nn
 
 from .conv2d_same import pad_tf_same
 from .dynamic_conv import DynamicConv2d, _check_k
+from .routers import Router, SoftmaxRouter
+from .start import StartFn
 from .strategies import mix_bias, run_strategy
 
 _STD_TYPES = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
@@ -117,6 +119,8 @@ class DynamicStdConv2d(DynamicConv2d):
         noise: float = 0.01,
         strategy: str = "auto",
         generator: torch.Generator | None = None,
+        router: type[Router] = SoftmaxRouter,
+        start: StartFn | None = None,
     ) -> DynamicStdConv2d:
         """The exact dynamic counterpart of one of timm's four weight-standardized convs.
 
@@ -158,10 +162,11 @@ class DynamicStdConv2d(DynamicConv2d):
             ratio=ratio,
             temperature=temperature,
             strategy=strategy,
+            router=router,
             device=weight.device,
             dtype=weight.dtype,
         )
-        layer.start_from(conv, noise, generator)
+        layer.start_as(conv, noise, generator, start)
         if scaled:
             layer.scale = float(conv.scale)
             with torch.no_grad():
@@ -171,7 +176,7 @@ class DynamicStdConv2d(DynamicConv2d):
 
     @torch.no_grad()
     def to_conv(self) -> nn.Module:
-        """timm's conv that this layer computes under a uniform router (mean of the K kernels).
+        """timm's conv that this layer computes under constant routing (the router's start).
 
         A ``*Same`` type when ``same_pad`` is set, else the plain type with this padding (a
         ``StdConv2dSame`` whose 'SAME' padding was static computes the same as a ``StdConv2d``).
@@ -187,9 +192,7 @@ class DynamicStdConv2d(DynamicConv2d):
         )  # fmt: skip
         if self.same_pad:  # dynamic, whatever timm would decide from the geometry
             conv.same_pad, conv.padding = True, (0, 0)
-        conv.weight.copy_(self.weight.mean(0))
-        if self.bias is not None:
-            conv.bias.copy_(self.bias.mean(0))
+        self.copy_constant_mix(conv)
         if self.gain is not None:
             conv.scale = self.scale
             conv.gain.copy_(self.gain)
