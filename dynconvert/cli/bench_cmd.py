@@ -19,8 +19,8 @@ from pathlib import Path
 
 import click
 
+from ..engine import STRATEGIES
 from ..errors import DynconvertError, first_line
-from ..layers import STRATEGIES
 from .params import FilePath, architecture_option, full_input_size, input_size_option
 
 

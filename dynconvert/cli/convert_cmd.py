@@ -27,8 +27,8 @@ from click.core import ParameterSource
 from torch import nn
 
 from ..convert.config import DEPTHWISE_POLICIES
+from ..engine import STRATEGIES
 from ..errors import DynconvertError
-from ..layers import STRATEGIES
 from .finetune_cmd import finetune_step, is_main_process, pipeline_options, pop_pipeline_flags
 from .model_request import (
     CONVERSION_OPTIONS,

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..layers import STRATEGIES
+from ..engine import STRATEGIES
 
 DEPTHWISE_POLICIES = ("convert", "skip")
 DIMS = (1, 2, 3)

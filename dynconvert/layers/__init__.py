@@ -1,4 +1,8 @@
-"""Dynamic convolution layers (Chen et al., CVPR 2020)."""
+"""Dynamic convolution layers (Chen et al., CVPR 2020): the modules and their math.
+
+How they compute fast (the strategies, ``STRATEGIES``, ``select_strategy``, autotune) is in
+``dynconvert.engine``.
+"""
 
 from .attention import KernelAttention
 from .conv2d_same import DynamicConv2dSame
@@ -10,10 +14,8 @@ from .dynamic_conv import (
     zero_sum_kernels,
 )
 from .std_conv import DynamicStdConv2d
-from .strategies import STRATEGIES, select_strategy
 
 __all__ = [
-    "STRATEGIES",
     "DynamicConv1d",
     "DynamicConv2d",
     "DynamicConv2dSame",
@@ -21,6 +23,5 @@ __all__ = [
     "DynamicConvNd",
     "DynamicStdConv2d",
     "KernelAttention",
-    "select_strategy",
     "zero_sum_kernels",
 ]

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import engine
+from ..engine import STRATEGIES, graph_capture, mix_kernels, output_memory_format
 from .attention import KernelAttention
-from .layout import output_memory_format
 from .padding import ResolvedPadding, ntuple, resolve_padding
-from .strategies import STRATEGIES, graph_capture, mix_kernels, run_strategy
 
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -70,7 +70,7 @@ class DynamicConvNd(nn.Module):
     and the router ``attention`` (``KernelAttention``), whose ``temperature`` buffer is part of
     the state dict.
 
-    ``strategy`` picks how the per-sample kernels are applied (see ``strategies.py``):
+    ``strategy`` picks how the per-sample kernels are applied (see ``engine/strategies.py``):
     ``'auto'`` (default) chooses by shape and mode; any name in ``STRATEGIES`` forces one.
     """
 
@@ -336,7 +336,7 @@ class DynamicConvNd(nn.Module):
 
     def conv_output(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The dynamic conv of the padded input ``x`` for attention ``(B, K)``."""
-        return run_strategy(self, x, attn)
+        return engine.run(self, x, attn)
 
     def _empty_output(self, x: torch.Tensor) -> torch.Tensor:
         """A batch of 0 has no attention to mix by: the conv's empty output, kept in the graph."""

@@ -22,21 +22,15 @@ themselves and keeps the mixed kernels (more memory; sometimes a faster backward
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from .mixing import mix_kernels
+from .spec import DynamicConvSpec, Strategy
+from .switches import SWITCHES
 from .unfold import col2im, im2col, supports_col2im
 from .workspace import scratch
-
-if TYPE_CHECKING:
-    from .dynamic_conv import DynamicConvNd
-    from .strategies import Strategy
-
-_enabled: bool = os.environ.get("DYNCONVERT_LEAN_BACKWARD", "1").strip().lower() not in {
-    "0", "false", "no", "off",
-}  # fmt: skip
 
 
 def set_lean_backward(enabled: bool) -> None:
@@ -46,22 +40,11 @@ def set_lean_backward(enabled: bool) -> None:
     saves the ``B`` mixed kernels of each layer for backward, as the batch-folded
     implementations do.
     """
-    global _enabled
-    _enabled = bool(enabled)
+    SWITCHES.lean_backward = bool(enabled)
 
 
 def lean_backward_enabled() -> bool:
-    return _enabled
-
-
-def func_transforms_active() -> bool:
-    """True inside ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ...).
-
-    :class:`LeanDynamicConv` has no vmap rule, so under them autograd (or the transform)
-    records the strategy itself.
-    """
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)  # private, torch 2.x
-    return bool(active and active())
+    return SWITCHES.lean_backward
 
 
 def _fold_backward(ctx, x, mixed, grad_out, need_x, need_mixed):
@@ -138,7 +121,7 @@ def _unfold_backward(ctx, x, mixed, grad_out, need_x, need_mixed):
 _BACKWARDS = {"fold": _fold_backward, "loop": _loop_backward, "unfold": _unfold_backward}
 
 
-def backward_kind(layer: DynamicConvNd, strategy_name: str) -> str:
+def backward_kind(layer: DynamicConvSpec, strategy_name: str) -> str:
     """The backward that suits a forward strategy: its own data layout, recomputed."""
     if strategy_name in ("loop", "dense", "packed"):
         return "loop"
@@ -157,7 +140,7 @@ class LeanDynamicConv(torch.autograd.Function):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         attn: torch.Tensor,
-        layer: DynamicConvNd,
+        layer: DynamicConvSpec,
         strategy: Strategy,
         backward: str,
     ) -> torch.Tensor:
@@ -174,8 +157,6 @@ class LeanDynamicConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):
-        from .strategies import mix_kernels
-
         x, weight, bias, attn_in = ctx.saved_tensors
         attn = attn_in.to(weight.dtype)  # autocast may have made the router's output bf16
         batch = attn.shape[0]
@@ -215,7 +196,7 @@ class LeanDynamicConv(torch.autograd.Function):
 
 
 def lean_forward(
-    layer: DynamicConvNd,
+    layer: DynamicConvSpec,
     x: torch.Tensor,
     attn: torch.Tensor,
     strategy: Strategy,
