@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -172,3 +174,20 @@ def test_timing_in_training_never_runs_the_users_gradient_hooks():
     assert len(seen) == 1
     torch.testing.assert_close(seen[0], twin.weight.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(layer.weight.grad, twin.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_the_per_layer_memo_is_kept_by_the_engine_not_on_the_layer():
+    """The layer holds no tuning state (nothing of it is pickled with the module), and the
+    engine's memo does not keep a deleted layer alive."""
+    layer = _layer()
+    before = set(vars(layer))
+    x = torch.randn(3, 8, 10, 10)
+    with torch.no_grad():
+        layer(x)
+        layer(x)  # answered by the memo
+    assert autotune.stats()["lookups"] == 1
+    assert set(vars(layer)) == before
+    alive = weakref.ref(layer)
+    del layer
+    gc.collect()
+    assert alive() is None

@@ -14,7 +14,9 @@ import torch
 from conftest import rel_err
 
 from dynconvert import DynamicConv1d, DynamicConv2d, DynamicConv3d, DynamicConvNd
-from dynconvert.engine import STRATEGIES, direct, tuning, workspace
+from dynconvert.engine import STRATEGIES, DynamicConvSpec, direct, tuning, workspace
+from dynconvert.layers import DynamicConv2dSame, DynamicStdConv2d
+from dynconvert.layers.std_conv import _CentredKernels
 
 DYNAMIC = {1: DynamicConv1d, 2: DynamicConv2d, 3: DynamicConv3d}
 SPATIAL = {1: 13, 2: 8, 3: 5}
@@ -95,6 +97,20 @@ def check_every_strategy(
             tol = 1e-4 if pname.startswith("attention") else 1e-5
             assert p.grad.device.type == device, (name, pname)
             assert rel_err(p.grad.cpu(), p64.grad) <= tol, (name, pname)
+
+
+def test_every_layer_and_the_std_conv_view_is_what_the_engine_reads():
+    """engine.DynamicConvSpec names everything the engine reads from a layer."""
+    std = DynamicStdConv2d(4, 6, 3)
+    for layer in (
+        DynamicConv1d(4, 6, 3),
+        DynamicConv2d(4, 6, 3),
+        DynamicConv3d(4, 6, 3),
+        DynamicConv2dSame(4, 6, 3),
+        std,
+        _CentredKernels(std, std.centred_kernels()),
+    ):
+        assert isinstance(layer, DynamicConvSpec), type(layer).__name__
 
 
 @pytest.mark.parametrize(("n", "case"), GRID)

@@ -88,14 +88,14 @@ def cache_key(layer: DynamicConvSpec, x: torch.Tensor) -> tuple:
     )
     return (
         layer.dims,
+        layer.k,
         layer.in_channels,
         layer.out_channels,
+        layer.groups,
         layer.kernel_size,
         layer.stride,
         layer.conv_padding,
         layer.dilation,
-        layer.groups,
-        layer.k,
         layer.bias is not None,
         tuple(x.shape),
         channels_last,

@@ -47,22 +47,28 @@ def lean_backward_enabled() -> bool:
     return SWITCHES.lean_backward
 
 
+def _conv_backward(ctx, grad_out, x, kernel, groups, need_x, need_kernel):
+    """ATen's conv backward with the layer's geometry: ``(∂L/∂x, ∂L/∂kernel)``, each or None."""
+    stride, padding, dilation, _ = ctx.geometry
+    grad_x, grad_kernel, _ = torch.ops.aten.convolution_backward(
+        grad_out, x, kernel, None, stride, padding, dilation, False, [0] * len(stride), groups,
+        [need_x, need_kernel, False],
+    )  # fmt: skip
+    return grad_x, grad_kernel
+
+
 def _fold_backward(ctx, x, mixed, grad_out, need_x, need_mixed):
     """One batch-folded ``convolution_backward`` (groups ``B·g``)."""
-    stride, padding, dilation, groups = ctx.geometry
+    *_, groups = ctx.geometry
     batch = x.shape[0]
-    grad_x, grad_mixed, _ = torch.ops.aten.convolution_backward(
+    grad_x, grad_mixed = _conv_backward(
+        ctx,
         grad_out.reshape(1, -1, *grad_out.shape[2:]),
         x.reshape(1, -1, *x.shape[2:]),
         mixed.flatten(0, 1),
-        None,
-        stride,
-        padding,
-        dilation,
-        False,
-        [0] * len(stride),
         groups * batch,
-        [need_x, need_mixed, False],
+        need_x,
+        need_mixed,
     )
     return (
         None if grad_x is None else grad_x.view(x.shape),
@@ -72,7 +78,7 @@ def _fold_backward(ctx, x, mixed, grad_out, need_x, need_mixed):
 
 def _loop_backward(ctx, x, mixed, grad_out, need_x, need_mixed):
     """One dense ``convolution_backward`` per sample: no grouped kernels, good on big maps."""
-    stride, padding, dilation, groups = ctx.geometry
+    *_, groups = ctx.geometry
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
     grad_mixed = None
     if need_mixed:
@@ -81,18 +87,8 @@ def _loop_backward(ctx, x, mixed, grad_out, need_x, need_mixed):
         else:
             grad_mixed = scratch("grad_kernels", tuple(mixed.shape), mixed)
     for b in range(x.shape[0]):
-        gx, gw, _ = torch.ops.aten.convolution_backward(
-            grad_out[b : b + 1],
-            x[b : b + 1],
-            mixed[b],
-            None,
-            stride,
-            padding,
-            dilation,
-            False,
-            [0] * len(stride),
-            groups,
-            [need_x, need_mixed, False],
+        gx, gw = _conv_backward(
+            ctx, grad_out[b : b + 1], x[b : b + 1], mixed[b], groups, need_x, need_mixed
         )
         if need_x:
             grad_x[b : b + 1] = gx
