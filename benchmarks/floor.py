@@ -36,8 +36,8 @@ import torch
 
 import dynconvert
 from dynconvert.benchmark import interleaved_times, medians
+from dynconvert.engine.mixing import mix_one_into
 from dynconvert.layers import DynamicConvNd
-from dynconvert.layers.strategies import _mix_one_into
 
 
 def mixing_only(model: torch.nn.Module, batch: int) -> callable:
@@ -68,7 +68,7 @@ def streamed_mixing_only(model: torch.nn.Module, batch: int) -> callable:
         for weight in weights:
             out = buffer[: weight[0].numel()].view_as(weight[0])
             for sample in coeffs:
-                _mix_one_into(weight, sample, out)
+                mix_one_into(weight, sample, out)
         return out  # the last layer's last mixed kernel, for the tests
 
     return run

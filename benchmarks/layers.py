@@ -53,10 +53,11 @@ from dynconvert.benchmark import (
     medians,
     write_results,
 )
+from dynconvert.engine import STRATEGIES, autotune, select_strategy
+from dynconvert.engine.lean_backward import lean_backward_enabled, set_lean_backward
 from dynconvert.finetune.models import to_channels_last
 from dynconvert.finetune.precision import AMP_DTYPES
-from dynconvert.layers import STRATEGIES, DynamicConv2d, autotune, select_strategy
-from dynconvert.layers.lean_backward import lean_backward_enabled, set_lean_backward
+from dynconvert.layers import DynamicConv2d
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> nn.Module:

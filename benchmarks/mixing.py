@@ -2,11 +2,11 @@
 
 The mixing ``W_b = Σ_k a_bk·W_k`` is pure memory traffic. ``loop``, ``dense`` and ``packed``
 mix each sample's kernel right before its conv, into one kernel-sized buffer that stays in
-cache (``strategies._mix_one_into``: one ``mul`` and K−1 ``add_``, K passes over the output).
+cache (``mixing.mix_one_into``: one ``mul`` and K−1 ``add_``, K passes over the output).
 This script asks whether another form of the same arithmetic is faster, per ResNet-50 kernel
 shape, mixing all B samples of one layer:
 
-* ``streamed``: B times ``_mix_one_into`` into one buffer (what dynconvert runs);
+* ``streamed``: B times ``mix_one_into`` into one buffer (what dynconvert runs);
 * ``GEMM, G rows``: ``(G, K) @ (K, |W|)`` into G reused buffers, B/G times: each pass over
   the K kernels serves G samples, but writes G mixed kernels that no longer fit in cache;
 * ``chunked``: the streamed form over slices small enough for the output to stay in L2.
@@ -28,7 +28,7 @@ import os
 import torch
 
 from dynconvert.benchmark import interleaved_times, medians
-from dynconvert.layers.strategies import _mix_one_into
+from dynconvert.engine.mixing import mix_one_into
 
 # (name, |W| in elements): the ResNet-50 kernels whose mixing costs most
 SHAPES = {
@@ -52,7 +52,7 @@ def candidates(n: int, k: int, batch: int) -> dict:
     # each run returns the last sample's mixed kernel, for the tests
     def streamed() -> torch.Tensor:
         for sample in coeffs:
-            _mix_one_into(kernels, sample, one)
+            mix_one_into(kernels, sample, one)
         return one
 
     def gemm(group: int):
@@ -66,7 +66,7 @@ def candidates(n: int, k: int, batch: int) -> dict:
     def chunked() -> torch.Tensor:
         for sample in coeffs:
             for start in range(0, n, CHUNK):
-                _mix_one_into(kernels[:, start : start + CHUNK], sample, one[start : start + CHUNK])
+                mix_one_into(kernels[:, start : start + CHUNK], sample, one[start : start + CHUNK])
         return one
 
     runs = {"streamed": streamed}

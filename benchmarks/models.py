@@ -56,10 +56,10 @@ from dynconvert.benchmark import (
     train_step,
     write_results,
 )
+from dynconvert.engine.autotune import autotune_enabled
+from dynconvert.engine.lean_backward import lean_backward_enabled, set_lean_backward
 from dynconvert.finetune.models import to_channels_last
 from dynconvert.finetune.precision import AMP_DTYPES
-from dynconvert.layers.autotune import autotune_enabled
-from dynconvert.layers.lean_backward import lean_backward_enabled, set_lean_backward
 
 MODELS = ["resnet50", "mobilenetv2_100", "efficientnet_b0"]
 VARIANTS = ["static", "batch-folded", "dynconvert"]

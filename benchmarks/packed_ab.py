@@ -21,7 +21,8 @@ import torch
 
 import dynconvert
 from dynconvert.benchmark import interleaved_times, medians
-from dynconvert.layers import DynamicConvNd, autotune, prepacked, select_strategy
+from dynconvert.engine import autotune, prepacked, select_strategy
+from dynconvert.layers import DynamicConvNd
 from dynconvert.sources import build_timm_model
 
 

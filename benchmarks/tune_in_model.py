@@ -1,6 +1,6 @@
 """Would choosing strategies inside the model beat the layer autotuner? (Issue 6: not reliably.)
 
-The autotuner (``dynconvert/layers/autotune.py``) times each layer alone, with its K kernels in
+The autotuner (``dynconvert/engine/autotune.py``) times each layer alone, with its K kernels in
 cache. This script picks each layer's strategy inside the model instead, then A/B-tests both
 sets of picks on the whole model:
 
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from dynconvert.benchmark import input_for, interleaved_times, load_pair, medians
-from dynconvert.layers import DynamicConvNd, autotune
-from dynconvert.layers.strategies import STRATEGIES
+from dynconvert.engine import STRATEGIES, SWITCHES, autotune
+from dynconvert.layers import DynamicConvNd
 
 
 def strategy_inputs(model: torch.nn.Module, x: torch.Tensor) -> dict[DynamicConvNd, torch.Tensor]:
@@ -59,7 +59,7 @@ def pick_in_model(model: torch.nn.Module, x: torch.Tensor, rounds: int) -> dict[
     candidates = {}
     for layer in layers:
         xi = inputs[layer]
-        if autotune.multiply_adds(layer, xi) < autotune.MIN_MACS:
+        if autotune.multiply_adds(layer, xi) < SWITCHES.min_macs:
             candidates[layer] = [autotune.choose(layer, xi, STRATEGIES)]  # the cost model's
         else:
             candidates[layer] = list(autotune.eligible(layer, xi, STRATEGIES))

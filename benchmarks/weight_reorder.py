@@ -18,7 +18,7 @@ dynamic layers (K=4, router included) follow:
 
 * ``dynconvert loop``: mixes each sample's kernel (plain layout), then ``F.conv2d``;
 * ``dynconvert packed``: mixes each sample's kernel straight into the blocked layout
-  (``layers/prepacked.py``), which is how it gets close to "prepacked".
+  (``engine/prepacked.py``), which is how it gets close to "prepacked".
 
     python benchmarks/weight_reorder.py                 # batch 8, 7 rounds
     python benchmarks/weight_reorder.py --batch 1 32 --rounds 5

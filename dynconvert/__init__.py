@@ -2,6 +2,7 @@
 
 Pipeline, one subpackage per stage::
 
+    engine/    how a dynamic conv is computed fast: strategies, autotune, lean backward
     layers/    DynamicConv1d/2d/3d (Chen et al., CVPR 2020)
     convert/   select the convs of a model (torch.fx) and swap them in place
     report     what was replaced, as a rich table or JSON

@@ -16,9 +16,9 @@ def _seed():
 @pytest.fixture
 def fresh_autotune():
     """An empty autotune cache with tuning on for every layer size; restored afterwards."""
-    from dynconvert.layers import autotune
+    from dynconvert.engine import SWITCHES, autotune
 
-    enabled, min_macs = autotune.autotune_enabled(), autotune.MIN_MACS
+    enabled, min_macs = SWITCHES.autotune, SWITCHES.min_macs
     autotune.clear_cache()
     autotune.set_autotune(True, min_macs=0)
     yield

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
 from conftest import rel_err
 
 from dynconvert import DynamicConv2d
-from dynconvert.layers import STRATEGIES, autotune, prepacked, select_strategy
+from dynconvert.engine import STRATEGIES, autotune, prepacked, select_strategy, tuning
 
 #: ``packed`` is timed in eval on CPU where oneDNN is built in (not in training).
 EVAL_CANDIDATES = 4 if prepacked.available() else 3
@@ -36,7 +38,7 @@ def test_second_call_does_not_measure_again():
         layer(x)
         first = autotune.stats()["measurements"]
         # grouped, loop, unfold (, packed): each timed ROUNDS times, CALLS_PER_SAMPLE calls
-        assert first == EVAL_CANDIDATES * autotune.ROUNDS * autotune.CALLS_PER_SAMPLE
+        assert first == EVAL_CANDIDATES * tuning.ROUNDS * tuning.CALLS_PER_SAMPLE
         per_candidate = first // EVAL_CANDIDATES
         layer(x)
         layer(x + 1)
@@ -62,13 +64,13 @@ def test_static_is_timed_only_at_batch_2k_and_more_on_small_maps():
         assert "static" not in autotune.eligible(layer, torch.randn(8, 8, 15, 14), STRATEGIES)
         autotune.measure(layer, torch.randn(8, 8, 7, 7), torch.full((8, 4), 0.25),
                          {"static": STRATEGIES["static"]})  # fmt: skip
-        assert autotune.stats()["measurements"] == autotune.ROUNDS * autotune.CALLS_PER_SAMPLE
+        assert autotune.stats()["measurements"] == tuning.ROUNDS * tuning.CALLS_PER_SAMPLE
 
 
 def test_batch_one_times_dense_against_the_batched_strategies_in_eval_and_training():
     layer = _layer()
     x = torch.randn(1, 8, 6, 6)
-    per_candidate = autotune.ROUNDS * autotune.CALLS_PER_SAMPLE
+    per_candidate = tuning.ROUNDS * tuning.CALLS_PER_SAMPLE
     with torch.no_grad():
         assert set(autotune.eligible(layer, x, STRATEGIES)) == {
             "dense",
@@ -137,7 +139,7 @@ def test_forced_strategy_and_tracing_never_measure():
 
 
 def test_environment_variable_switches_it_off():
-    code = "from dynconvert.layers import autotune; print(autotune.autotune_enabled())"
+    code = "from dynconvert.engine import autotune; print(autotune.autotune_enabled())"
     env = {**os.environ, "DYNCONVERT_AUTOTUNE": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
@@ -172,3 +174,20 @@ def test_timing_in_training_never_runs_the_users_gradient_hooks():
     assert len(seen) == 1
     torch.testing.assert_close(seen[0], twin.weight.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(layer.weight.grad, twin.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_the_per_layer_memo_is_kept_by_the_engine_not_on_the_layer():
+    """The layer holds no tuning state (nothing of it is pickled with the module), and the
+    engine's memo does not keep a deleted layer alive."""
+    layer = _layer()
+    before = set(vars(layer))
+    x = torch.randn(3, 8, 10, 10)
+    with torch.no_grad():
+        layer(x)
+        layer(x)  # answered by the memo
+    assert autotune.stats()["lookups"] == 1
+    assert set(vars(layer)) == before
+    alive = weakref.ref(layer)
+    del layer
+    gc.collect()
+    assert alive() is None

@@ -15,12 +15,13 @@ from timm.layers import Conv2dSame
 
 from dynconvert.benchmark import interleaved_times
 from dynconvert.cli import main
+from dynconvert.engine import SWITCHES, autotune
 from dynconvert.finetune import static_twin
-from dynconvert.layers import DynamicConv2d, DynamicConv2dSame, autotune
+from dynconvert.layers import DynamicConv2d, DynamicConv2dSame
 
 
 def test_bench_tiny_timm_model_writes_json(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(autotune, "_enabled", False)  # the cost model: no timing of layers
+    monkeypatch.setattr(SWITCHES, "autotune", False)  # the cost model: no timing of layers
     out = tmp_path / "bench.json"
     args = ["bench", "test_resnet", "-b", "2", "--input-size", "3,32,32", "--rounds", "1"]
     assert main([*args, "--no-memory", "--json", str(out)]) == 0
@@ -39,7 +40,7 @@ def test_bench_device_cpu_amp_bf16_end_to_end_with_memory(tmp_path, capsys, monk
     """--device/--amp reach the timed passes, the step and the fresh memory processes."""
     from dynconvert import benchmark
 
-    monkeypatch.setattr(autotune, "_enabled", False)
+    monkeypatch.setattr(SWITCHES, "autotune", False)
     monkeypatch.setenv("DYNCONVERT_AUTOTUNE", "0")  # and in the memory children
     seen = []
     for name in ("eval_call", "train_step"):
@@ -346,7 +347,7 @@ def test_tune_in_model_benchmark_picks_eligible_strategies_that_compute_the_same
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
     from tune_in_model import pick_in_model, pinned_copy, strategy_inputs
 
-    from dynconvert.layers.strategies import STRATEGIES
+    from dynconvert.engine import STRATEGIES
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -354,7 +355,7 @@ def test_tune_in_model_benchmark_picks_eligible_strategies_that_compute_the_same
         DynamicConv2d(8, 8, 1),
     ).eval()
     x = torch.randn(2, 3, 12, 12)
-    enabled, min_macs = autotune.autotune_enabled(), autotune.MIN_MACS
+    enabled, min_macs = SWITCHES.autotune, SWITCHES.min_macs
     autotune.set_autotune(True, min_macs=0)
     try:
         with torch.no_grad():

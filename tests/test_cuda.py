@@ -23,8 +23,8 @@ from torch import nn
 
 import dynconvert
 from dynconvert import DynamicConv2d, DynamicConvNd
+from dynconvert.engine import autotune, lean_backward
 from dynconvert.finetune.precision import AMP_DTYPES
-from dynconvert.layers import autotune, lean_backward
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import timm_coverage

@@ -12,7 +12,8 @@ from timm.layers import Conv2dSame
 from torch import nn
 
 from dynconvert import DynamicConv1d, DynamicConv2d, DynamicConv3d, DynamicConvNd
-from dynconvert.layers import STRATEGIES, DynamicConv2dSame
+from dynconvert.engine import STRATEGIES
+from dynconvert.layers import DynamicConv2dSame
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 DYNAMIC = {1: DynamicConv1d, 2: DynamicConv2d, 3: DynamicConv3d}

@@ -15,7 +15,8 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.utils.checkpoint import checkpoint
 
 from dynconvert import DynamicConv2d
-from dynconvert.layers import DynamicConv2dSame, DynamicConvNd, autotune, prepacked
+from dynconvert.engine import SWITCHES, autotune, prepacked
+from dynconvert.layers import DynamicConv2dSame, DynamicConvNd
 
 # 128 -> 128 channels, 3x3, K=4: 2.4 MB of kernels, above the sizes where the strategies
 # mix into reused scratch buffers and `packed` keeps its packed kernels.
@@ -75,7 +76,7 @@ def test_non_reentrant_checkpoint_with_the_autotuner_measuring():
         moved_router(DynamicConv2d(16, 16, 3, padding=1)), nn.ReLU(),
         moved_router(DynamicConv2d(16, 16, 1)),
     )  # fmt: skip
-    was = autotune.autotune_enabled(), autotune.MIN_MACS
+    was = SWITCHES.autotune, SWITCHES.min_macs
     autotune.set_autotune(True, min_macs=0)  # every call of a new shape is measured
     autotune.clear_cache()
     try:

@@ -11,8 +11,8 @@ import torch
 from conftest import rel_err
 
 from dynconvert import DynamicConv1d, DynamicConv2d, DynamicConv3d
-from dynconvert.layers import STRATEGIES, lean_backward
-from dynconvert.layers.lean_backward import LeanDynamicConv, lean_forward
+from dynconvert.engine import STRATEGIES, lean_backward
+from dynconvert.engine.lean_backward import LeanDynamicConv, lean_forward
 
 DYNAMIC = {1: DynamicConv1d, 2: DynamicConv2d, 3: DynamicConv3d}
 SPATIAL = {1: 6, 2: 4, 3: 3}
@@ -189,7 +189,7 @@ def test_switch_changes_which_path_runs(lean_switch, strategy):
     """On: a LeanDynamicConv node saving no mixed kernels. Off: autograd keeps B·|W| more."""
     batch = 16
     layer = DynamicConv2d(32, 32, 3, padding=1, k=4, bias=False, strategy=strategy)
-    # 15×15 outputs: above autotune.STATIC_MAX_OUTPUTS, so `auto` never picks `static`
+    # 15×15 outputs: above tuning.STATIC_MAX_OUTPUTS, so `auto` never picks `static`
     # (which has no lean backward) however the timing falls.
     x = torch.randn(batch, 32, 15, 15, requires_grad=True)
     mixed_bytes = batch * layer.weight[0].numel() * 4
@@ -208,7 +208,7 @@ def test_switch_changes_which_path_runs(lean_switch, strategy):
 
 
 def test_environment_variable_switches_it_off():
-    code = "from dynconvert.layers import lean_backward as m; print(m.lean_backward_enabled())"
+    code = "from dynconvert.engine import lean_backward as m; print(m.lean_backward_enabled())"
     env = {**os.environ, "DYNCONVERT_LEAN_BACKWARD": "0"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.stdout.strip() == "False", run.stderr
@@ -216,9 +216,9 @@ def test_environment_variable_switches_it_off():
 
 def test_autotune_times_the_backward_that_will_run(lean_switch):
     """Training-mode choices are cached apart for the lean and the plain backward."""
-    from dynconvert.layers import autotune
+    from dynconvert.engine import SWITCHES, autotune
 
-    enabled, min_macs = autotune.autotune_enabled(), autotune.MIN_MACS
+    enabled, min_macs = SWITCHES.autotune, SWITCHES.min_macs
     autotune.set_autotune(True, min_macs=0)
     autotune.clear_cache()
     try:

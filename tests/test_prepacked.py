@@ -16,7 +16,7 @@ from conftest import rel_err
 from test_strategies import make_layer, reference
 
 from dynconvert import DynamicConv1d, DynamicConv2d
-from dynconvert.layers import STRATEGIES, autotune, prepacked
+from dynconvert.engine import STRATEGIES, SWITCHES, autotune, prepacked, tuning
 
 needs_onednn = pytest.mark.skipif(
     not prepacked.available(), reason="this PyTorch build has no oneDNN (mkldnn) ops"
@@ -75,7 +75,7 @@ def test_packs_once_and_repacks_when_the_weights_change():
         one_pack = prepacked.held_bytes() // 2
         for size in (6, 8, 9):  # more shapes: at most MAX_PACKS_PER_LAYER packs are kept
             layer(torch.randn(2, 8, size, size))
-        assert prepacked.held_bytes() <= prepacked.MAX_PACKS_PER_LAYER * one_pack
+        assert prepacked.held_bytes() <= tuning.MAX_PACKS_PER_LAYER * one_pack
         layer(x)  # its pack was dropped for newer shapes: packed again
         packs = prepacked.stats()["packs"]
         layer.weight.mul_(2)  # an in-place edit (an optimizer step, load_state_dict)
@@ -163,7 +163,7 @@ def test_saved_weights_and_copies_hold_no_packs():
 
 @needs_onednn
 def test_autotune_times_packed_in_eval_only_and_frees_a_loser(monkeypatch):
-    enabled, min_macs = autotune.autotune_enabled(), autotune.MIN_MACS
+    enabled, min_macs = SWITCHES.autotune, SWITCHES.min_macs
     autotune.clear_cache()
     autotune.set_autotune(True, min_macs=0)
 
@@ -192,7 +192,7 @@ def test_autotune_times_packed_in_eval_only_and_frees_a_loser(monkeypatch):
 def test_batch_one_eval_times_packed_against_dense_on_large_kernels_only():
     small = DynamicConv2d(8, 8, 3, padding=1, k=4)
     large = DynamicConv2d(256, 256, 3, padding=1, k=4)  # 4 x 2.25 MiB of kernels
-    assert large.weight.numel() * 4 >= autotune.PACKED_MIN_BYTES_AT_BATCH_1
+    assert large.weight.numel() * 4 >= tuning.PACKED_MIN_BYTES_AT_BATCH_1
     with torch.no_grad():
         batched = {"dense", "grouped", "unfold", "loop"}
         assert set(autotune.eligible(small, torch.randn(1, 8, 7, 7), STRATEGIES)) == batched

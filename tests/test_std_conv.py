@@ -191,7 +191,7 @@ def test_autocast_gives_the_timm_layers_dtype_and_a_float32_scale(kind):
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_autotune_measures_the_centred_kernels(fresh_autotune, training):
     """Timing every candidate (each layer measured, whatever its size) on the strategies' view."""
-    from dynconvert.layers import autotune
+    from dynconvert.engine import autotune
 
     layer = DynamicStdConv2d.from_conv(make_conv("scaled", "3x3"), k=3, noise=0.3)
     randomize_router(layer)
@@ -223,7 +223,7 @@ def test_router_gets_a_gradient_at_the_start():
 
 def test_packed_runs_as_loop_on_the_centred_kernels():
     """The centred kernels are computed in each forward: nothing may be packed per parameter."""
-    from dynconvert.layers import prepacked
+    from dynconvert.engine import prepacked
 
     layer = DynamicStdConv2d.from_conv(make_conv("std", "3x3"), strategy="packed").eval()
     randomize_router(layer)

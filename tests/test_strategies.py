@@ -14,7 +14,9 @@ import torch
 from conftest import rel_err
 
 from dynconvert import DynamicConv1d, DynamicConv2d, DynamicConv3d, DynamicConvNd
-from dynconvert.layers import STRATEGIES, workspace
+from dynconvert.engine import STRATEGIES, DynamicConvSpec, direct, tuning, workspace
+from dynconvert.layers import DynamicConv2dSame, DynamicStdConv2d
+from dynconvert.layers.std_conv import _CentredKernels
 
 DYNAMIC = {1: DynamicConv1d, 2: DynamicConv2d, 3: DynamicConv3d}
 SPATIAL = {1: 13, 2: 8, 3: 5}
@@ -97,6 +99,20 @@ def check_every_strategy(
             assert rel_err(p.grad.cpu(), p64.grad) <= tol, (name, pname)
 
 
+def test_every_layer_and_the_std_conv_view_is_what_the_engine_reads():
+    """engine.DynamicConvSpec names everything the engine reads from a layer."""
+    std = DynamicStdConv2d(4, 6, 3)
+    for layer in (
+        DynamicConv1d(4, 6, 3),
+        DynamicConv2d(4, 6, 3),
+        DynamicConv3d(4, 6, 3),
+        DynamicConv2dSame(4, 6, 3),
+        std,
+        _CentredKernels(std, std.centred_kernels()),
+    ):
+        assert isinstance(layer, DynamicConvSpec), type(layer).__name__
+
+
 @pytest.mark.parametrize(("n", "case"), GRID)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_forward_and_backward_match_float64(n, case, batch):
@@ -109,13 +125,11 @@ def test_forward_and_backward_match_float64(n, case, batch):
 def test_eval_forward_matches_float64(n, case, batch, monkeypatch):
     """Without autograd, and for kernels big enough, the CPU loop mixes each sample's kernel
     into one reused buffer just before its conv."""
-    from dynconvert.layers import strategies as strategies_module
-
     streamed = []
-    mix_one = strategies_module._mix_one_into
+    mix_one = direct.mix_one_into
     monkeypatch.setattr(
-        strategies_module,
-        "_mix_one_into",
+        direct,
+        "mix_one_into",
         lambda *args: streamed.append(1) or mix_one(*args),
     )
     x = torch.randn(batch, case["in_channels"], *(SPATIAL[n],) * n)
@@ -128,7 +142,7 @@ def test_eval_forward_matches_float64(n, case, batch, monkeypatch):
             if name == "packed":  # always streams, into oneDNN's kernel (test_prepacked.py)
                 streamed.clear()
     assert not streamed  # kernels this small are mixed by one GEMM
-    monkeypatch.setattr(strategies_module, "STREAM_MIX_MIN_BYTES", 0)
+    monkeypatch.setattr(tuning, "STREAM_MIX_MIN_BYTES", 0)
     layer.strategy = "loop"
     with torch.no_grad():
         first = layer(x)
@@ -164,11 +178,9 @@ def test_channels_last_inputs(groups, stride, kernel_size):
 @pytest.mark.parametrize("stream", [False, True])
 def test_scratch_buffers_never_alias_outputs(name, stream, monkeypatch):
     """Consecutive calls share scratch memory; earlier outputs must stay what they were."""
-    from dynconvert.layers import strategies as strategies_module
-
     # Kernels this small skip the buffers unless told otherwise.
-    monkeypatch.setattr(strategies_module, "SCRATCH_MIN_BYTES", 0)
-    monkeypatch.setattr(strategies_module, "STREAM_MIX_MIN_BYTES", 0 if stream else 2**62)
+    monkeypatch.setattr(tuning, "SCRATCH_MIN_BYTES", 0)
+    monkeypatch.setattr(tuning, "STREAM_MIX_MIN_BYTES", 0 if stream else 2**62)
     layer = make_layer(2, dict(in_channels=4, out_channels=6, kernel_size=3, padding=1), name)
     x1, x2 = torch.randn(2, 4, 7, 7), torch.randn(2, 4, 7, 7)
     with torch.no_grad():
@@ -193,9 +205,7 @@ def test_scratch_buffers_never_alias_outputs(name, stream, monkeypatch):
 @pytest.mark.parametrize("n", [1, 2, 3])
 @pytest.mark.parametrize("stream", [False, True])
 def test_bfloat16_runs_every_strategy(n, stream, monkeypatch):
-    from dynconvert.layers import strategies as strategies_module
-
-    monkeypatch.setattr(strategies_module, "STREAM_MIX_MIN_BYTES", 0 if stream else 2**62)
+    monkeypatch.setattr(tuning, "STREAM_MIX_MIN_BYTES", 0 if stream else 2**62)
     layer = make_layer(n, dict(in_channels=4, out_channels=6, kernel_size=3, padding=1), "auto")
     x = torch.randn(2, 4, *(SPATIAL[n],) * n)
     expected = reference(copy.deepcopy(layer).double(), x.double())

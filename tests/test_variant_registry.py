@@ -21,11 +21,12 @@ from torch import nn
 
 import dynconvert
 from dynconvert.convert import ConvertConfig, Variant, register_variant
+from dynconvert.engine import STRATEGIES
 from dynconvert.export.fold_bn import fold_bn
 from dynconvert.finetune.health import AttentionMonitor
 from dynconvert.finetune.models import static_twin
 from dynconvert.io import CONVERSION_ATTR
-from dynconvert.layers import STRATEGIES, DynamicConv2d, DynamicConvNd, PooledRouter
+from dynconvert.layers import DynamicConv2d, DynamicConvNd, PooledRouter
 
 K = 4
 

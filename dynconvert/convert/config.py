@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..layers import STRATEGIES
+from ..engine import STRATEGIES
 from ..option_fields import option
 from .variants import DEFAULT_VARIANT, variant_named
 

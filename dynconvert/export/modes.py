@@ -58,7 +58,7 @@ def fixed_strategy_choice() -> Iterator[None]:
     Verification runs each batch size once: measuring every strategy for every new input
     shape would cost more than the check, and all strategies compute the same function.
     """
-    from ..layers import autotune
+    from ..engine import autotune
 
     enabled = autotune.autotune_enabled()
     autotune.set_autotune(False)

@@ -316,7 +316,7 @@ class Trainer:
                 callback(event)
 
     def run(self) -> FinetuneResult:
-        from ..layers import autotune
+        from ..engine import autotune
 
         # Timing-based strategy choice could differ between runs (and a resumed run), and
         # each strategy rounds differently: deterministic runs use the fixed rules instead.

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .layout import output_memory_format
+from .. import engine
+from ..engine import STRATEGIES, graph_capture, output_memory_format
 from .padding import ResolvedPadding, ntuple, resolve_padding
 from .routers import Router, SoftmaxRouter
 from .start import StartFn, zero_sum_kernels
-from .strategies import STRATEGIES, graph_capture, run_strategy
 
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -45,7 +45,7 @@ class DynamicConvNd(nn.Module):
     :class:`~.routers.SoftmaxRouter`, whose ``temperature`` buffer is part of the state dict).
     Callers reach the router through :attr:`router` and the methods below, never its layers.
 
-    ``strategy`` picks how the per-sample kernels are applied (see ``strategies.py``):
+    ``strategy`` picks how the per-sample kernels are applied (see ``engine/strategies.py``):
     ``'auto'`` (default) chooses by shape and mode; any name in ``STRATEGIES`` forces one.
     """
 
@@ -359,7 +359,7 @@ class DynamicConvNd(nn.Module):
 
     def conv_output(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The dynamic conv of the padded input ``x`` for attention ``(B, K)``."""
-        return run_strategy(self, x, attn)
+        return engine.run(self, x, attn)
 
     def _empty_output(self, x: torch.Tensor) -> torch.Tensor:
         """A batch of 0 has no attention to mix by: the conv's empty output, kept in the graph."""

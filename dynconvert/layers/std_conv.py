@@ -28,11 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import engine
+from ..engine import mix_bias
 from .conv2d_same import pad_tf_same
 from .dynamic_conv import DynamicConv2d, _check_k
 from .routers import Router, SoftmaxRouter
 from .start import StartFn
-from .strategies import mix_bias, run_strategy
 
 _STD_TYPES = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
 
@@ -44,11 +45,12 @@ def _timm_std_conv_types() -> dict[str, type[nn.Module]]:
 
 
 class _CentredKernels:
-    """The layer as the strategies see it: the centred kernels as ``weight`` and no bias.
+    """The layer as the engine sees it (``engine.DynamicConvSpec``): the centred kernels as
+    ``weight`` and no bias.
 
     Everything else (geometry, strategy, conv function) is the layer's own. ``weight`` is a
     tensor computed in this forward, not a parameter, so ``packed`` (whose packed kernels are
-    cached per parameter) runs as ``loop`` (see ``prepacked.usable``).
+    cached per parameter) runs as ``loop`` (see ``engine/prepacked.py``, ``usable``).
     """
 
     def __init__(self, layer: DynamicStdConv2d, weight: torch.Tensor) -> None:
@@ -57,7 +59,7 @@ class _CentredKernels:
         self.bias = None
 
     def __getattr__(self, name: str) -> Any:
-        if name == "layer":  # a copy (autotune times a shallow one) before its __dict__ is set
+        if name == "layer":  # a copy being built, before its __dict__ is set: no recursion
             raise AttributeError(name)
         return getattr(self.layer, name)
 
@@ -229,7 +231,7 @@ class DynamicStdConv2d(DynamicConv2d):
 
     def conv_output(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         centred = self.centred_kernels()
-        out = run_strategy(_CentredKernels(self, centred), x, attn)
+        out = engine.run(_CentredKernels(self, centred), x, attn)
         factor = self.output_scale(centred, attn).to(out.dtype)
         out = out * factor.view(*factor.shape, 1, 1)
         bias = mix_bias(self.bias, attn)

@@ -7,48 +7,37 @@ candidate is its forward plus the memory-lean backward that goes with it
 (``lean_backward.py``); in eval mode, the forward.
 Later calls with the same key only look it up; layers of the same geometry share the entry.
 
-Layers too small to be worth timing (fewer than :data:`MIN_MACS` multiply-adds), runs with
-autotuning off (``DYNCONVERT_AUTOTUNE=0`` in the environment, or :func:`set_autotune`) and
-``torch.compile`` tracing use the fixed rules of :func:`cost_model_choice` instead.
+Layers too small to be worth timing (fewer than ``SWITCHES.min_macs`` multiply-adds, by
+default ``tuning.MIN_MACS``), runs with autotuning off (``DYNCONVERT_AUTOTUNE=0`` in the
+environment, or :func:`set_autotune`) and ``torch.compile`` tracing use the fixed rules of
+:func:`cost_model_choice` instead.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import os
 import random
 import time
+import weakref
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from . import prepacked
-from .lean_backward import backward_kind, lean_backward_enabled, lean_forward
-from .workspace import recording
+from . import prepacked, tuning
+from .context import recording
+from .layout import output_size
+from .lean_backward import backward_kind, lean_forward
+from .spec import DynamicConvSpec, Strategy
+from .switches import SWITCHES
 
-if TYPE_CHECKING:
-    from .dynamic_conv import DynamicConvNd
-    from .strategies import Strategy
-
-#: ``static`` (K convs, outputs mixed) does K times a conv's work and keeps a K times larger
-#: output for backward; it is timed only at batch >= 2K on maps of at most this many
-#: outputs, where it can beat mixing B kernels (ResNet-50 stage 4 1x1 convs in training).
-STATIC_MAX_OUTPUTS = 14 * 14
-
-_enabled: bool = os.environ.get("DYNCONVERT_AUTOTUNE", "1").strip().lower() not in {
-    "0", "false", "no", "off",
-}  # fmt: skip
 _cache: dict[tuple, str] = {}
-_generation = 0
+# Each layer's last answer (see choose()), kept here, not on the layer, and weakly: it goes
+# with the layer, and clear_cache() drops every one with the cache it came from.
+_memos: weakref.WeakKeyDictionary[DynamicConvSpec, tuple[tuple, str, bool]] = (
+    weakref.WeakKeyDictionary()
+)
 _stats = {"measurements": 0, "lookups": 0}
-ROUNDS = 3
-#: Back-to-back calls of one candidate per round (see measure()).
-CALLS_PER_SAMPLE = 2
-#: Below this many multiply-adds per call, timing noise exceeds any difference.
-MIN_MACS = 2_000_000
 
 
 def set_autotune(enabled: bool, min_macs: int | None = None) -> None:
@@ -56,20 +45,18 @@ def set_autotune(enabled: bool, min_macs: int | None = None) -> None:
 
     ``min_macs``: layers with fewer multiply-adds per call use the cost model.
     """
-    global _enabled, MIN_MACS
-    _enabled = bool(enabled)
+    SWITCHES.autotune = bool(enabled)
     if min_macs is not None:
-        MIN_MACS = int(min_macs)
+        SWITCHES.min_macs = int(min_macs)
 
 
 def autotune_enabled() -> bool:
-    return _enabled
+    return SWITCHES.autotune
 
 
 def clear_cache() -> None:
     """Forget every measured choice and reset :func:`stats`."""
-    global _generation
-    _generation += 1  # invalidates the per-layer memos of choose()
+    _memos.clear()
     _cache.clear()
     _stats.update(measurements=0, lookups=0)
 
@@ -84,12 +71,12 @@ def stats() -> dict[str, int]:
     return dict(_stats)
 
 
-def training_mode(layer: DynamicConvNd, x: torch.Tensor) -> bool:
+def training_mode(layer: DynamicConvSpec, x: torch.Tensor) -> bool:
     """True when autograd records this layer's forward (its backward then counts too)."""
     return recording(x, layer.weight, layer.bias)
 
 
-def cache_key(layer: DynamicConvNd, x: torch.Tensor) -> tuple:
+def cache_key(layer: DynamicConvSpec, x: torch.Tensor) -> tuple:
     channels_last = (
         x.dim() >= 4
         and not x.is_contiguous()
@@ -101,34 +88,32 @@ def cache_key(layer: DynamicConvNd, x: torch.Tensor) -> tuple:
     )
     return (
         layer.dims,
+        layer.k,
         layer.in_channels,
         layer.out_channels,
+        layer.groups,
         layer.kernel_size,
         layer.stride,
         layer.conv_padding,
         layer.dilation,
-        layer.groups,
-        layer.k,
         layer.bias is not None,
         tuple(x.shape),
         channels_last,
         x.device,
         x.dtype,
         training_mode(layer, x),
-        training_mode(layer, x) and lean_backward_enabled(),  # which backward was timed
+        training_mode(layer, x) and SWITCHES.lean_backward,  # which backward was timed
     )
 
 
-def multiply_adds(layer: DynamicConvNd, x: torch.Tensor) -> int:
+def multiply_adds(layer: DynamicConvSpec, x: torch.Tensor) -> int:
     """Multiply-adds of the layer's conv for the (padded) input ``x``."""
-    from .unfold import output_size
-
     per_output = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
     outputs = x.shape[0] * layer.out_channels * math.prod(output_size(layer, tuple(x.shape[2:])))
     return outputs * per_output
 
 
-def cost_model_choice(layer: DynamicConvNd, x: torch.Tensor) -> str:
+def cost_model_choice(layer: DynamicConvSpec, x: torch.Tensor) -> str:
     """Fixed rules, from the per-layer benchmark on CPU (``benchmarks/layers.py``).
 
     * batch 1: one plain conv with the mixed kernel (``dense``);
@@ -139,33 +124,44 @@ def cost_model_choice(layer: DynamicConvNd, x: torch.Tensor) -> str:
     batch = x.shape[0]
     if batch == 1:
         return "dense"
-    depthwise = layer.groups > 1 and layer.in_channels // layer.groups <= 4
+    per_group = layer.in_channels // layer.groups
+    depthwise = layer.groups > 1 and per_group <= tuning.DEPTHWISE_MAX_CHANNELS_PER_GROUP
     if depthwise:
         return "grouped"
     pointwise = all(k == 1 for k in layer.kernel_size)
     out_len = math.prod(s // st for s, st in zip(x.shape[2:], layer.stride, strict=True))
-    if pointwise or out_len <= 14 * 14:
+    if pointwise or out_len <= tuning.UNFOLD_MAX_OUTPUTS:
         return "unfold"
     return "grouped"
 
 
-def _without_param_hooks(layer: DynamicConvNd) -> DynamicConvNd:
-    """A shallow copy whose weight and bias are new leaves on the same storage.
+class _WithoutParamHooks:
+    """The layer, its weight and bias replaced by new leaves on the same storage.
 
     Timing a training candidate differentiates the parameters; on the layer's own ones that
     would run the user's gradient hooks (``weight.register_hook``) on every timed call.
+    Everything else (geometry, conv function) is read from the layer.
     """
-    shadow = copy.copy(layer)
-    shadow._parameters = dict(layer._parameters)
-    for name in ("weight", "bias"):
-        param = layer._parameters.get(name)
-        if param is not None:
-            shadow._parameters[name] = nn.Parameter(param.detach(), param.requires_grad)
-    return shadow
+
+    def __init__(self, layer: DynamicConvSpec) -> None:
+        self.layer = layer
+        self.weight = nn.Parameter(layer.weight.detach(), layer.weight.requires_grad)
+        bias = layer.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), bias.requires_grad)
+
+    def __getattr__(self, name: str) -> object:
+        if name == "layer":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.layer, name)
 
 
 def _runner(
-    layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor, name: str, fn: Strategy, train: bool
+    layer: DynamicConvSpec,
+    x: torch.Tensor,
+    attn: torch.Tensor,
+    name: str,
+    fn: Strategy,
+    train: bool,
 ) -> Callable[[], object]:
     x, attn = x.detach(), attn.detach()
     if not train:
@@ -176,13 +172,13 @@ def _runner(
 
         return forward
     backward = backward_kind(layer, name)
-    layer = _without_param_hooks(layer)
+    layer = _WithoutParamHooks(layer)
 
     def forward_backward() -> object:
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             ag = attn.detach().requires_grad_(True)
-            if lean_backward_enabled() and name != "static":  # as run_strategy does
+            if SWITCHES.lean_backward and name != "static":  # as dispatch.run does
                 out = lean_forward(layer, xg, ag, fn, backward)
             else:  # time what will run: autograd through the strategy itself
                 out = fn(layer, xg, ag)
@@ -193,11 +189,11 @@ def _runner(
 
 
 def measure(
-    layer: DynamicConvNd,
+    layer: DynamicConvSpec,
     x: torch.Tensor,
     attn: torch.Tensor,
     candidates: Mapping[str, Strategy],
-    rounds: int = ROUNDS,
+    rounds: int = tuning.ROUNDS,
 ) -> dict[str, float]:
     """Best time (s) of each candidate over ``rounds`` interleaved rounds, after warm-up.
 
@@ -224,7 +220,7 @@ def measure(
             # nothing about this candidate. In a model's first forward, with the process
             # still cold, single calls made the tuner pick `loop` for a depthwise conv that
             # `grouped` runs 1.6x faster (benchmarks/layers.py, mbv2_block at batch 32).
-            for _ in range(CALLS_PER_SAMPLE):
+            for _ in range(tuning.CALLS_PER_SAMPLE):
                 sync()
                 start = time.perf_counter()
                 run()
@@ -234,18 +230,11 @@ def measure(
     return times
 
 
-#: At batch 1 (eval, CPU) ``packed`` is timed only for K kernels of at
-#: least this many bytes: below, its extra calls and channels_last copy cost as much as the
-#: kernel copy it saves. Timed against dense on every layer, whole mobilenetv2_100 and
-#: efficientnet_b0 ran 3-4% slower; with this floor they are unchanged and resnet50 4% faster.
-PACKED_MIN_BYTES_AT_BATCH_1 = 2 * 2**20
-
-
-def _kernel_bytes(layer: DynamicConvNd) -> int:
+def _kernel_bytes(layer: DynamicConvSpec) -> int:
     return layer.weight.numel() * layer.weight.element_size()
 
 
-def eligible(layer: DynamicConvNd, x: torch.Tensor, strategies: Mapping[str, Strategy]):
+def eligible(layer: DynamicConvSpec, x: torch.Tensor, strategies: Mapping[str, Strategy]):
     """The strategies worth timing for this call.
 
     Batch 1 times ``dense`` against the batched strategies too, eval included. Taking
@@ -254,15 +243,13 @@ def eligible(layer: DynamicConvNd, x: torch.Tensor, strategies: Mapping[str, Str
     it made resnet50 at batch 1 ~15% slower than the timed picks (docs/performance.md,
     "Batch 1 on an Intel Xeon").
     """
-    from .unfold import output_size
-
     batch = x.shape[0]
     # `packed` only where it runs as itself (CPU inference), not as its `loop` fallback.
     packed_runs = prepacked.usable(layer, x, x.new_empty(0))
     if batch == 1 and x.device.type == "cpu":
         # It pays only where its saved kernel copy is large (ResNet-50 stage 3-4).
-        packed_runs = packed_runs and _kernel_bytes(layer) >= PACKED_MIN_BYTES_AT_BATCH_1
-    small_map = math.prod(output_size(layer, tuple(x.shape[2:]))) <= STATIC_MAX_OUTPUTS
+        packed_runs = packed_runs and _kernel_bytes(layer) >= tuning.PACKED_MIN_BYTES_AT_BATCH_1
+    small_map = math.prod(output_size(layer, tuple(x.shape[2:]))) <= tuning.STATIC_MAX_OUTPUTS
     # On CUDA a layer this size is launch-bound and K convs cost about one: in the H200 table
     # (docs/performance.md) `static` was the fastest eval strategy on 56x56 maps it was
     # never timed on. Training keeps the rule: its K-times output is saved for backward.
@@ -281,7 +268,7 @@ def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def choose(layer: DynamicConvNd, x: torch.Tensor, strategies: Mapping[str, Strategy]) -> str:
+def choose(layer: DynamicConvSpec, x: torch.Tensor, strategies: Mapping[str, Strategy]) -> str:
     """The cached or freshly measured fastest strategy (or the cost model's when tuning is off).
 
     Each layer remembers its last answer with the few facts it depends on (input shape,
@@ -296,25 +283,24 @@ def choose(layer: DynamicConvNd, x: torch.Tensor, strategies: Mapping[str, Strat
         x.dtype,
         x.device,
         training_mode(layer, x),
-        lean_backward_enabled(),
-        _enabled,
-        MIN_MACS,
-        _generation,
+        SWITCHES.lean_backward,
+        SWITCHES.autotune,
+        SWITCHES.min_macs,
     )
-    memo = layer.__dict__.get("_autotune_memo")
+    memo = _memos.get(layer)
     if memo is not None and memo[0] == memo_key:
         if memo[2]:
             _stats["lookups"] += 1
         return memo[1]
-    if not _enabled or multiply_adds(layer, x) < MIN_MACS:
+    if not SWITCHES.autotune or multiply_adds(layer, x) < SWITCHES.min_macs:
         name = cost_model_choice(layer, x)
-        layer.__dict__["_autotune_memo"] = (memo_key, name, False)
+        _memos[layer] = (memo_key, name, False)
         return name
     key = cache_key(layer, x)
     name = _cache.get(key)
     if name is not None:
         _stats["lookups"] += 1
-        layer.__dict__["_autotune_memo"] = (memo_key, name, True)
+        _memos[layer] = (memo_key, name, True)
         return name
     candidates = eligible(layer, x, strategies)
     if len(candidates) == 1:
@@ -331,5 +317,5 @@ def choose(layer: DynamicConvNd, x: torch.Tensor, strategies: Mapping[str, Strat
         if name != "packed":
             prepacked.forget(layer)  # timing packed its kernels; free that memory
     _cache[key] = name
-    layer.__dict__["_autotune_memo"] = (memo_key, name, True)
+    _memos[layer] = (memo_key, name, True)
     return name

@@ -1,8 +1,22 @@
-"""The memory format of a conv's output, decided the way ATen decides it for ``nn.ConvNd``."""
+"""The shape of a conv's output, and its memory format decided the way ATen decides it for
+``nn.ConvNd``."""
 
 from __future__ import annotations
 
 import torch
+
+from .spec import DynamicConvSpec
+
+
+def output_size(layer: DynamicConvSpec, spatial: tuple[int, ...]) -> tuple[int, ...]:
+    """Output spatial size of the layer's conv for a (padded) input of size ``spatial``."""
+    return tuple(
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, p, d, k, s in zip(
+            spatial, layer.conv_padding, layer.dilation, layer.kernel_size, layer.stride,
+            strict=True,
+        )
+    )  # fmt: skip
 
 
 def _strides_like_channels_last(x: torch.Tensor) -> bool:

@@ -26,11 +26,6 @@ def _pool() -> dict[tuple, torch.Tensor]:
     return pool
 
 
-def recording(*tensors: torch.Tensor | None) -> bool:
-    """True when autograd would save tensors computed from ``tensors``."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def scratch(slot: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """A contiguous ``shape`` tensor on ``like``'s device and dtype; its content is garbage.
 

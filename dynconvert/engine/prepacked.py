@@ -24,22 +24,21 @@ import ctypes
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from . import tuning
+from .context import recording
+from .direct import loop
 from .layout import output_memory_format
-from .workspace import recording
+from .mixing import mix_bias, mix_one_into
+from .spec import DynamicConvSpec
 
-if TYPE_CHECKING:
-    from .dynamic_conv import DynamicConvNd
-
-_packs: weakref.WeakKeyDictionary[DynamicConvNd, dict[tuple, _Pack]] = weakref.WeakKeyDictionary()
+# Keyed on the layer itself, weakly: a layer's packs go when the layer goes.
+_packs: weakref.WeakKeyDictionary[DynamicConvSpec, dict[tuple, _Pack]] = weakref.WeakKeyDictionary()
 _local = threading.local()
 _stats = {"packs": 0}
 _verified: dict[tuple, bool] = {}  # geometry → oneDNN's prepacked conv is right for it
-#: Packs kept per layer (one per input shape, the oldest dropped first).
-MAX_PACKS_PER_LAYER = 2
 
 
 @dataclass
@@ -72,7 +71,7 @@ def available() -> bool:
     return _AVAILABLE
 
 
-def usable(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> bool:
+def usable(layer: DynamicConvSpec, x: torch.Tensor, attn: torch.Tensor) -> bool:
     """Whether ``packed`` runs as itself here (else it runs ``loop``)."""
     return (
         _AVAILABLE
@@ -99,7 +98,7 @@ def _dense_view(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(raw, dtype=dtype)
 
 
-def _conv_args(layer: DynamicConvNd, input_size: tuple[int, ...]) -> tuple:
+def _conv_args(layer: DynamicConvSpec, input_size: tuple[int, ...]) -> tuple:
     return (
         list(layer.conv_padding),
         list(layer.stride),
@@ -109,7 +108,7 @@ def _conv_args(layer: DynamicConvNd, input_size: tuple[int, ...]) -> tuple:
     )
 
 
-def _packed_kernels(layer: DynamicConvNd, input_size: tuple[int, ...]) -> torch.Tensor:
+def _packed_kernels(layer: DynamicConvSpec, input_size: tuple[int, ...]) -> torch.Tensor:
     """The layer's K kernels in blocked layout for ``input_size``, packed once per weight."""
     weight = layer.weight
     version = (id(weight), weight.data_ptr(), weight._version)
@@ -124,35 +123,30 @@ def _packed_kernels(layer: DynamicConvNd, input_size: tuple[int, ...]) -> torch.
             # One (K, n) block, so that mixing streams over contiguous rows.
             kernels = torch.stack([_dense_view(b, weight.dtype) for b in blocked])
         per_layer.pop(input_size, None)
-        while len(per_layer) >= MAX_PACKS_PER_LAYER:  # bounded memory under varying shapes
+        while len(per_layer) >= tuning.MAX_PACKS_PER_LAYER:  # bounded memory under varying shapes
             per_layer.pop(next(iter(per_layer)))
         pack = per_layer[input_size] = _Pack(version, sample, kernels)
         _stats["packs"] += 1
     return pack.kernels
 
 
-#: Elements of the K kernels compared on every call (a few µs): edits through ``.data``
-#: (``layer.weight.data.mul_(2)``, old-style init code, numpy views) do not bump
-#: ``_version``. The positions are scattered at random (seeded), not strided: a regular stride
-#: can fall on a lattice of the kernel (every 36th element of a 4x3x3 block is one tap) and
-#: miss a structured edit such as zeroing the centre taps. An edit of a handful of single
-#: elements can still go unseen; assign a new tensor or use ``copy_`` under ``no_grad``.
-SAMPLED_ELEMENTS = 1024
 _sample_positions: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def _weight_sample(weight: torch.Tensor) -> torch.Tensor:
+    """``tuning.SAMPLED_ELEMENTS`` scattered elements of the kernels: an edit through
+    ``.data`` shows in them."""
     flat = weight.detach().reshape(-1)
     key = (flat.numel(), flat.device)
     positions = _sample_positions.get(key)
     if positions is None:
         generator = torch.Generator().manual_seed(flat.numel())
-        chosen = torch.randint(flat.numel(), (SAMPLED_ELEMENTS,), generator=generator)
+        chosen = torch.randint(flat.numel(), (tuning.SAMPLED_ELEMENTS,), generator=generator)
         positions = _sample_positions[key] = chosen.to(flat.device)
     return flat[positions]  # a gather: a new tensor, not a view
 
 
-def _geometry(layer: DynamicConvNd, input_size: tuple[int, ...]) -> tuple:
+def _geometry(layer: DynamicConvSpec, input_size: tuple[int, ...]) -> tuple:
     """What the blocked layout depends on: kernel shape, dtype, conv arguments, input shape."""
     weight = layer.weight
     return (
@@ -166,7 +160,9 @@ def _geometry(layer: DynamicConvNd, input_size: tuple[int, ...]) -> tuple:
     )
 
 
-def _target(layer: DynamicConvNd, input_size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def _target(
+    layer: DynamicConvSpec, input_size: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """An mkldnn kernel tensor of the right blocked layout and its dense view.
 
     Each sample's mixed kernel is written into it before its conv. Layers of one geometry
@@ -186,7 +182,7 @@ def _target(layer: DynamicConvNd, input_size: tuple[int, ...]) -> tuple[torch.Te
     return entry
 
 
-def _geometry_works(layer: DynamicConvNd, x: torch.Tensor, key: tuple) -> bool:
+def _geometry_works(layer: DynamicConvSpec, x: torch.Tensor, key: tuple) -> bool:
     """Whether oneDNN's prepacked conv computes ``F.conv2d`` for this geometry (checked once).
 
     It does not always: for a 1→1 channel (2, 4) kernel with stride (1, 3) and padding 1 on
@@ -212,13 +208,11 @@ def _geometry_works(layer: DynamicConvNd, x: torch.Tensor, key: tuple) -> bool:
     return verdict
 
 
-def packed_conv(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+def packed_conv(layer: DynamicConvSpec, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """``y_b = conv(x_b, Σ_k a_bk W_k) + Σ_k a_bk c_k`` with kernels mixed in blocked layout."""
-    from .strategies import STRATEGIES, _mix_one_into, mix_bias
-
     input_size = (1, *x.shape[1:])
     if not usable(layer, x, attn) or not _geometry_works(layer, x, _geometry(layer, input_size)):
-        return STRATEGIES["loop"](layer, x, attn)
+        return loop(layer, x, attn)
     kernels = _packed_kernels(layer, input_size)
     target, flat = _target(layer, input_size)
     padding, stride, dilation, groups = _conv_args(layer, input_size)[:4]
@@ -227,7 +221,7 @@ def packed_conv(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> to
     # padding, and a crash cannot be checked for the way _geometry_works checks values.
     outs = []
     for i, coeffs in enumerate(attn.tolist()):
-        _mix_one_into(kernels, coeffs, flat)  # streamed, straight into oneDNN's kernel
+        mix_one_into(kernels, coeffs, flat)  # streamed, straight into oneDNN's kernel
         outs.append(
             torch.ops.mkldnn._convolution_pointwise(
                 x[i : i + 1], target, None, padding, stride, dilation, groups, "none", [], ""
@@ -242,7 +236,7 @@ def packed_conv(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> to
     return out.contiguous(memory_format=output_memory_format(x))
 
 
-def forget(layer: DynamicConvNd | None = None) -> None:
+def forget(layer: DynamicConvSpec | None = None) -> None:
     """Drop the packed kernels of ``layer`` (of every layer when None) and this thread's targets."""
     if layer is None:
         _packs.clear()

@@ -11,33 +11,22 @@ dimension instead of B small convolutions.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from .workspace import recording, scratch
-
-if TYPE_CHECKING:
-    from .dynamic_conv import DynamicConvNd
-
-
-def output_size(layer: DynamicConvNd, spatial: tuple[int, ...]) -> tuple[int, ...]:
-    """Output spatial size of the layer's conv for a (padded) input of size ``spatial``."""
-    return tuple(
-        (size + 2 * p - d * (k - 1) - 1) // s + 1
-        for size, p, d, k, s in zip(
-            spatial, layer.conv_padding, layer.dilation, layer.kernel_size, layer.stride,
-            strict=True,
-        )
-    )  # fmt: skip
+from .context import recording
+from .layout import output_size
+from .mixing import mix_bias, mix_kernels
+from .spec import DynamicConvSpec
+from .workspace import scratch
 
 
-def _is_pointwise(layer: DynamicConvNd) -> bool:
+def _is_pointwise(layer: DynamicConvSpec) -> bool:
     return all(k == 1 for k in layer.kernel_size) and not any(layer.conv_padding)
 
 
-def im2col(layer: DynamicConvNd, x: torch.Tensor, reuse: bool) -> torch.Tensor:
+def im2col(layer: DynamicConvSpec, x: torch.Tensor, reuse: bool) -> torch.Tensor:
     """``(B, C, *S)`` → ``(B, C·|k|, L)`` columns, channel-major like ``F.unfold``."""
     batch, channels = x.shape[:2]
     n = layer.dims
@@ -66,11 +55,11 @@ def im2col(layer: DynamicConvNd, x: torch.Tensor, reuse: bool) -> torch.Tensor:
     return cols
 
 
-def supports_col2im(layer: DynamicConvNd) -> bool:
+def supports_col2im(layer: DynamicConvSpec) -> bool:
     return layer.dims <= 2 or _is_pointwise(layer)
 
 
-def col2im(layer: DynamicConvNd, cols: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def col2im(layer: DynamicConvSpec, cols: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Adjoint of :func:`im2col`: ``(B, C·|k|, L)`` columns summed back into an input ``shape``."""
     if _is_pointwise(layer):
         out_spatial = output_size(layer, tuple(shape[2:]))
@@ -90,9 +79,7 @@ def col2im(layer: DynamicConvNd, cols: torch.Tensor, shape: torch.Size) -> torch
     )
 
 
-def unfold_conv(layer: DynamicConvNd, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    from .strategies import mix_bias, mix_kernels
-
+def unfold_conv(layer: DynamicConvSpec, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     batch, groups = x.shape[0], layer.groups
     out_spatial = output_size(layer, tuple(x.shape[2:]))
     reuse = not recording(x, layer.weight, attn, layer.bias)

@@ -22,21 +22,15 @@ themselves and keeps the mixed kernels (more memory; sometimes a faster backward
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from .mixing import mix_kernels
+from .spec import DynamicConvSpec, Strategy
+from .switches import SWITCHES
 from .unfold import col2im, im2col, supports_col2im
 from .workspace import scratch
-
-if TYPE_CHECKING:
-    from .dynamic_conv import DynamicConvNd
-    from .strategies import Strategy
-
-_enabled: bool = os.environ.get("DYNCONVERT_LEAN_BACKWARD", "1").strip().lower() not in {
-    "0", "false", "no", "off",
-}  # fmt: skip
 
 
 def set_lean_backward(enabled: bool) -> None:
@@ -46,40 +40,35 @@ def set_lean_backward(enabled: bool) -> None:
     saves the ``B`` mixed kernels of each layer for backward, as the batch-folded
     implementations do.
     """
-    global _enabled
-    _enabled = bool(enabled)
+    SWITCHES.lean_backward = bool(enabled)
 
 
 def lean_backward_enabled() -> bool:
-    return _enabled
+    return SWITCHES.lean_backward
 
 
-def func_transforms_active() -> bool:
-    """True inside ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ...).
-
-    :class:`LeanDynamicConv` has no vmap rule, so under them autograd (or the transform)
-    records the strategy itself.
-    """
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)  # private, torch 2.x
-    return bool(active and active())
+def _conv_backward(ctx, grad_out, x, kernel, groups, need_x, need_kernel):
+    """ATen's conv backward with the layer's geometry: ``(∂L/∂x, ∂L/∂kernel)``, each or None."""
+    stride, padding, dilation, _ = ctx.geometry
+    grad_x, grad_kernel, _ = torch.ops.aten.convolution_backward(
+        grad_out, x, kernel, None, stride, padding, dilation, False, [0] * len(stride), groups,
+        [need_x, need_kernel, False],
+    )  # fmt: skip
+    return grad_x, grad_kernel
 
 
 def _fold_backward(ctx, x, mixed, grad_out, need_x, need_mixed):
     """One batch-folded ``convolution_backward`` (groups ``B·g``)."""
-    stride, padding, dilation, groups = ctx.geometry
+    *_, groups = ctx.geometry
     batch = x.shape[0]
-    grad_x, grad_mixed, _ = torch.ops.aten.convolution_backward(
+    grad_x, grad_mixed = _conv_backward(
+        ctx,
         grad_out.reshape(1, -1, *grad_out.shape[2:]),
         x.reshape(1, -1, *x.shape[2:]),
         mixed.flatten(0, 1),
-        None,
-        stride,
-        padding,
-        dilation,
-        False,
-        [0] * len(stride),
         groups * batch,
-        [need_x, need_mixed, False],
+        need_x,
+        need_mixed,
     )
     return (
         None if grad_x is None else grad_x.view(x.shape),
@@ -89,7 +78,7 @@ def _fold_backward(ctx, x, mixed, grad_out, need_x, need_mixed):
 
 def _loop_backward(ctx, x, mixed, grad_out, need_x, need_mixed):
     """One dense ``convolution_backward`` per sample: no grouped kernels, good on big maps."""
-    stride, padding, dilation, groups = ctx.geometry
+    *_, groups = ctx.geometry
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
     grad_mixed = None
     if need_mixed:
@@ -98,18 +87,8 @@ def _loop_backward(ctx, x, mixed, grad_out, need_x, need_mixed):
         else:
             grad_mixed = scratch("grad_kernels", tuple(mixed.shape), mixed)
     for b in range(x.shape[0]):
-        gx, gw, _ = torch.ops.aten.convolution_backward(
-            grad_out[b : b + 1],
-            x[b : b + 1],
-            mixed[b],
-            None,
-            stride,
-            padding,
-            dilation,
-            False,
-            [0] * len(stride),
-            groups,
-            [need_x, need_mixed, False],
+        gx, gw = _conv_backward(
+            ctx, grad_out[b : b + 1], x[b : b + 1], mixed[b], groups, need_x, need_mixed
         )
         if need_x:
             grad_x[b : b + 1] = gx
@@ -138,7 +117,7 @@ def _unfold_backward(ctx, x, mixed, grad_out, need_x, need_mixed):
 _BACKWARDS = {"fold": _fold_backward, "loop": _loop_backward, "unfold": _unfold_backward}
 
 
-def backward_kind(layer: DynamicConvNd, strategy_name: str) -> str:
+def backward_kind(layer: DynamicConvSpec, strategy_name: str) -> str:
     """The backward that suits a forward strategy: its own data layout, recomputed."""
     if strategy_name in ("loop", "dense", "packed"):
         return "loop"
@@ -157,7 +136,7 @@ class LeanDynamicConv(torch.autograd.Function):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         attn: torch.Tensor,
-        layer: DynamicConvNd,
+        layer: DynamicConvSpec,
         strategy: Strategy,
         backward: str,
     ) -> torch.Tensor:
@@ -174,8 +153,6 @@ class LeanDynamicConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):
-        from .strategies import mix_kernels
-
         x, weight, bias, attn_in = ctx.saved_tensors
         attn = attn_in.to(weight.dtype)  # autocast may have made the router's output bf16
         batch = attn.shape[0]
@@ -215,7 +192,7 @@ class LeanDynamicConv(torch.autograd.Function):
 
 
 def lean_forward(
-    layer: DynamicConvNd,
+    layer: DynamicConvSpec,
     x: torch.Tensor,
     attn: torch.Tensor,
     strategy: Strategy,
