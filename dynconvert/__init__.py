@@ -20,6 +20,26 @@ from .layers import DynamicConv1d, DynamicConv2d, DynamicConv3d, DynamicConvNd
 
 __version__ = "0.1.0"
 
+#: The stages of the package in pipeline order. A module imports from its own stage and from
+#: earlier ones only, never from a later or a sibling stage (``tests/test_architecture.py``
+#: checks every import statement). docs/architecture.md explains each stage.
+PIPELINE: tuple[tuple[str, ...], ...] = (
+    ("errors",),
+    ("ranks", "modes", "interrupts", "option_fields", "zoo"),
+    ("files",),
+    ("engine",),
+    ("layers",),
+    ("report",),
+    ("convert",),
+    ("sources",),
+    ("io",),
+    ("finetune", "export"),
+    ("recipes", "benchmark"),
+    ("model_request",),
+    ("cli",),
+    ("__main__",),
+)
+
 # The later stages pull in timm, rich, onnx...; import them when first used.
 _LAZY = {
     "convert": "dynconvert.convert",
