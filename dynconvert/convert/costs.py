@@ -25,11 +25,6 @@ def conv_macs(
     return math.prod(output_shape) * (in_channels // groups) * math.prod(kernel)
 
 
-def router_params(in_channels: int, k: int, ratio: float) -> int:
-    hidden = router_width(in_channels, ratio)
-    return in_channels * hidden + hidden + hidden * k + k
-
-
 def dynamic_overhead_macs(
     input_shape: tuple[int, ...],
     out_channels: int,

@@ -70,10 +70,6 @@ def _replacement(norm: nn.Module) -> nn.Module | None:
     return None  # a subclass with its own forward computes something else
 
 
-def _modules_by_id(model: nn.Module) -> dict[int, nn.Module]:
-    return {id(m): m for m in model.modules()}
-
-
 def find_pairs(model: nn.Module, graph: fx.Graph) -> list[tuple[str, str]]:
     """(conv name, norm name) of every BatchNorm that only a dynamic conv's output feeds."""
     calls: dict[int, int] = {}
