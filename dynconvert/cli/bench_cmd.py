@@ -24,7 +24,7 @@ from ..errors import DynconvertError, first_line
 from ..model_request import build_architecture, load_saved
 from ..sources import check_model_argument, check_model_path, full_input_size, is_saved_file
 from .options import named_option
-from .params import FilePath, architecture_option, input_size_option
+from .params import architecture_option, input_size_option, json_option
 
 
 def _mib(n: int) -> str:
@@ -167,8 +167,7 @@ def _table(result: dict):
               "moved there).")  # fmt: skip
 @click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None,
               help="Autocast dtype of the timed passes and the step [default: none].")  # fmt: skip
-@click.option("--json", "json_path", type=FilePath(dir_okay=False, path_type=Path),
-              help="Also write the figures as JSON.")  # fmt: skip
+@json_option("Also write the figures as JSON.")
 @architecture_option
 @click.pass_context
 def bench_command(

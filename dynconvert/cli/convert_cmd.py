@@ -33,7 +33,7 @@ from ..recipes import load_recipe
 from ..sources import is_saved_file
 from .finetune_cmd import finetune_step, is_main_process, pipeline_options, pop_pipeline_flags
 from .options import dataclass_options
-from .params import FilePath, architecture_option
+from .params import FilePath, architecture_option, json_option
 
 AfterConvert = Callable[[nn.Module, Any], nn.Module]
 
@@ -110,13 +110,7 @@ def run_convert(
 @click.option(
     "--dry-run", is_flag=True, help="Convert in memory and show the report; do not write the model."
 )
-@click.option(
-    "--json",
-    "json_path",
-    type=FilePath(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also write the report as JSON to this file.",
-)
+@json_option("Also write the report as JSON to this file.")
 @click.option(
     "--pretrained/--no-pretrained",
     default=True,

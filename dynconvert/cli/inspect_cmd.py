@@ -23,7 +23,7 @@ from ..model_request import (
 )
 from ..sources import check_model_argument, check_model_path, is_saved_file
 from .convert_cmd import conversion_options, explicit_options, show_report
-from .params import FilePath, architecture_option
+from .params import architecture_option, json_option
 
 
 def _describe_file(data: dict[str, Any]) -> str:
@@ -60,13 +60,7 @@ def _file_report(path: Path, architecture: str | None):
 
 @click.command("inspect")
 @click.argument("model", metavar="MODEL_OR_FILE")
-@click.option(
-    "--json",
-    "json_path",
-    type=FilePath(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also write the report as JSON to this file.",
-)
+@json_option("Also write the report as JSON to this file.")
 @architecture_option
 @conversion_options
 @click.pass_context

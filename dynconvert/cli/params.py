@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -61,6 +62,17 @@ def input_size_option(help_text: str) -> Callable[[Callable], Callable]:
     """``--input-size N`` or ``--input-size C,H,W``, the same option in every command."""
     return click.option(
         "--input-size", type=InputSize(), default=None, metavar="N|C,H,W", help=help_text
+    )
+
+
+def json_option(help_text: str) -> Callable[[Callable], Callable]:
+    """``--json FILE`` (parameter ``json_path``): a report or figures written as JSON."""
+    return click.option(
+        "--json",
+        "json_path",
+        type=FilePath(dir_okay=False, path_type=Path),
+        default=None,
+        help=help_text,
     )
 
 

@@ -14,9 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dynamic_conv import DynamicConv2d, _check_k
-from .routers import Router, SoftmaxRouter
-from .start import StartFn
+from .dynamic_conv import DynamicConv2d
 
 
 def same_pad_amount(size: int, kernel: int, stride: int, dilation: int) -> int:
@@ -51,52 +49,22 @@ class DynamicConv2dSame(DynamicConv2d):
             raise ValueError("padding: DynamicConv2dSame computes its own padding; pass 0")
 
     @classmethod
-    def from_conv(
-        cls,
-        conv: nn.Module,
-        k: int = 4,
-        *,
-        ratio: float = 0.25,
-        temperature: float = 1.0,
-        noise: float = 0.01,
-        strategy: str = "auto",
-        generator: torch.Generator | None = None,
-        router: type[Router] = SoftmaxRouter,
-        start: StartFn | None = None,
-    ) -> DynamicConv2dSame:
-        """The exact dynamic counterpart of a timm ``Conv2dSame`` (see ``DynamicConvNd.from_conv``).
-
-        ``Conv2dSame.forward`` ignores ``padding`` and ``padding_mode``, so they are not copied.
-        """
+    def _target_for(cls, conv: nn.Module) -> type[DynamicConv2dSame]:
+        """timm's ``Conv2dSame`` (or a subclass that keeps its forward) only: anything else
+        pads otherwise (``nn.Conv2d``) or changes the kernel first (``StdConv2dSame``)."""
         from timm.layers import Conv2dSame
 
-        _check_k(k)
-        # Anything else pads otherwise (nn.Conv2d) or changes the kernel first (StdConv2dSame).
         if not isinstance(conv, nn.Conv2d) or type(conv).forward is not Conv2dSame.forward:
             raise TypeError(
                 f"conv: expected timm's Conv2dSame (or a subclass that keeps its forward), "
                 f"got {type(conv).__name__}"
             )
-        weight = conv.weight
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            0,
-            conv.dilation,
-            conv.groups,
-            bias=conv.bias is not None,
-            k=k,
-            ratio=ratio,
-            temperature=temperature,
-            strategy=strategy,
-            router=router,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
-        layer.start_as(conv, noise, generator, start)
-        return layer
+        return cls
+
+    @classmethod
+    def _arguments_of(cls, conv: nn.Module) -> dict[str, Any]:
+        """``Conv2dSame.forward`` ignores ``padding`` and ``padding_mode``: not copied."""
+        return {**super()._arguments_of(conv), "padding": 0, "padding_mode": "zeros"}
 
     def _static_conv(self, **factory: Any) -> nn.Module:
         from timm.layers import Conv2dSame

@@ -150,26 +150,12 @@ class DynamicConvNd(nn.Module):
         accepted: a subclass that overrides ``forward`` computes something else.
         """
         _check_k(k)
-        target = cls._class_for(conv)
-        for method in ("forward", "_conv_forward"):
-            if getattr(type(conv), method) is not getattr(target.conv_type, method):
-                raise TypeError(
-                    f"conv: {type(conv).__name__} overrides {method}(); converting it would "
-                    "change what it computes"
-                )
+        target = cls._target_for(conv)
         weight = conv.weight
         if isinstance(weight, nn.parameter.UninitializedParameter):
             raise ValueError("conv: lazy conv is not initialised yet; run one forward first")
         layer = target(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
+            **target._arguments_of(conv),
             k=k,
             ratio=ratio,
             temperature=temperature,
@@ -179,7 +165,40 @@ class DynamicConvNd(nn.Module):
             dtype=weight.dtype,
         )
         layer.start_as(conv, noise, generator, start)
+        layer._carry_from(conv)
         return layer
+
+    # The three steps of from_conv that a dynamic layer for another source type overrides.
+
+    @classmethod
+    def _target_for(cls, conv: nn.Module) -> type[DynamicConvNd]:
+        """The class that rebuilds ``conv`` exactly; a TypeError says why ``conv`` is refused."""
+        target = cls._class_for(conv)
+        for method in ("forward", "_conv_forward"):
+            if getattr(type(conv), method) is not getattr(target.conv_type, method):
+                raise TypeError(
+                    f"conv: {type(conv).__name__} overrides {method}(); converting it would "
+                    "change what it computes"
+                )
+        return target
+
+    @classmethod
+    def _arguments_of(cls, conv: nn.Module) -> dict[str, Any]:
+        """The constructor arguments that give ``conv``'s geometry."""
+        return {
+            "in_channels": conv.in_channels,
+            "out_channels": conv.out_channels,
+            "kernel_size": conv.kernel_size,
+            "stride": conv.stride,
+            "padding": conv.padding,
+            "dilation": conv.dilation,
+            "groups": conv.groups,
+            "bias": conv.bias is not None,
+            "padding_mode": conv.padding_mode,
+        }
+
+    def _carry_from(self, conv: nn.Module) -> None:
+        """Copy what the source conv holds beyond its weight and bias (nothing here)."""
 
     @torch.no_grad()
     def to_conv(self) -> nn.Module:

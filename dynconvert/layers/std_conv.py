@@ -31,9 +31,7 @@ from torch import nn
 from .. import engine
 from ..engine import mix_bias
 from .conv2d_same import pad_tf_same
-from .dynamic_conv import DynamicConv2d, _check_k
-from .routers import Router, SoftmaxRouter
-from .start import StartFn
+from .dynamic_conv import DynamicConv2d
 
 _STD_TYPES = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
 
@@ -111,70 +109,32 @@ class DynamicStdConv2d(DynamicConv2d):
     # -- construction -------------------------------------------------------------------
 
     @classmethod
-    def from_conv(
-        cls,
-        conv: nn.Module,
-        k: int = 4,
-        *,
-        ratio: float = 0.25,
-        temperature: float = 1.0,
-        noise: float = 0.01,
-        strategy: str = "auto",
-        generator: torch.Generator | None = None,
-        router: type[Router] = SoftmaxRouter,
-        start: StartFn | None = None,
-    ) -> DynamicStdConv2d:
-        """The exact dynamic counterpart of one of timm's four weight-standardized convs.
+    def _target_for(cls, conv: nn.Module) -> type[DynamicStdConv2d]:
+        """One of timm's four weight-standardized convs, with its own forward: a subclass that
+        overrides ``forward`` computes something else and is refused."""
+        _std_kind(conv)
+        return cls
 
-        Copies the kernel (as K zero-sum perturbed copies, see ``DynamicConvNd.from_conv``),
-        bias, ``eps``, ``gain`` and ``scale`` and the 'SAME' padding behaviour. A subclass that
-        overrides ``forward`` computes something else and is refused.
-        """
-        _check_k(k)
-        types = _timm_std_conv_types()
-        kind = next(
-            (
-                n
-                for n, t in types.items()
-                if isinstance(conv, t) and type(conv).forward is t.forward
-            ),
-            None,
-        )
-        if kind is None:
-            raise TypeError(
-                "conv: expected one of timm's StdConv2d, StdConv2dSame, ScaledStdConv2d, "
-                f"ScaledStdConv2dSame (or a subclass that keeps its forward), got "
-                f"{type(conv).__name__}"
-            )
-        scaled = kind.startswith("Scaled")
-        weight = conv.weight
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            bias=conv.bias is not None,
-            eps=conv.eps,
-            gamma=1.0 if scaled else None,
-            same_pad=kind.endswith("Same") and bool(conv.same_pad),
-            k=k,
-            ratio=ratio,
-            temperature=temperature,
-            strategy=strategy,
-            router=router,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
-        layer.start_as(conv, noise, generator, start)
-        if scaled:
-            layer.scale = float(conv.scale)
-            with torch.no_grad():
-                layer.gain.copy_(conv.gain.detach().reshape(layer.gain.shape))
-            layer.gain.requires_grad_(conv.gain.requires_grad)
-        return layer
+    @classmethod
+    def _arguments_of(cls, conv: nn.Module) -> dict[str, Any]:
+        """The geometry plus ``eps``, the scaled form and the 'SAME' padding behaviour (timm's
+        forward ignores ``padding_mode``, so it is not copied)."""
+        kind = _std_kind(conv)
+        return {
+            **super()._arguments_of(conv),
+            "padding_mode": "zeros",
+            "eps": conv.eps,
+            "gamma": 1.0 if kind.startswith("Scaled") else None,
+            "same_pad": kind.endswith("Same") and bool(conv.same_pad),
+        }
+
+    @torch.no_grad()
+    def _carry_from(self, conv: nn.Module) -> None:
+        """The scaled form's exact ``scale`` and its trained ``gain``."""
+        if self.gain is not None:
+            self.scale = float(conv.scale)
+            self.gain.copy_(conv.gain.detach().reshape(self.gain.shape))
+            self.gain.requires_grad_(conv.gain.requires_grad)
 
     @torch.no_grad()
     def to_conv(self) -> nn.Module:
@@ -246,3 +206,14 @@ class DynamicStdConv2d(DynamicConv2d):
         if self.same_pad:
             s += ", padding='tf_same'"
         return s
+
+
+def _std_kind(conv: nn.Module) -> str:
+    """Which of timm's four standardized convs ``conv`` computes as (its type name)."""
+    for name, conv_type in _timm_std_conv_types().items():
+        if isinstance(conv, conv_type) and type(conv).forward is conv_type.forward:
+            return name
+    raise TypeError(
+        "conv: expected one of timm's StdConv2d, StdConv2dSame, ScaledStdConv2d, "
+        f"ScaledStdConv2dSame (or a subclass that keeps its forward), got {type(conv).__name__}"
+    )
