@@ -22,19 +22,12 @@ from torch.utils.hooks import RemovableHandle
 
 from .. import engine
 from ..engine import STRATEGIES, graph_capture, output_memory_format
+from .geometry import check_k, conv_geometry
 from .padding import ResolvedPadding, ntuple, resolve_padding
 from .routers import Router, SoftmaxRouter
 from .start import StartFn, zero_sum_kernels
 
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def _check_k(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k: expected an int >= 1, got {k!r}")
-    if k < 1:
-        raise ValueError(f"k: expected an int >= 1, got {k}")
-    return k
 
 
 class DynamicConvNd(nn.Module):
@@ -74,27 +67,11 @@ class DynamicConvNd(nn.Module):
     ) -> None:
         super().__init__()
         n = self.dims
-        self.k = _check_k(k)
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-            raise ValueError(f"groups: expected a positive int, got {groups!r}")
-        if in_channels % groups:
-            raise ValueError(f"in_channels: {in_channels} is not divisible by groups={groups}")
-        if out_channels % groups:
-            raise ValueError(f"out_channels: {out_channels} is not divisible by groups={groups}")
+        self.k = check_k(k)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = ntuple(kernel_size, n, "kernel_size")
-        self.stride = ntuple(stride, n, "stride")
-        self.dilation = ntuple(dilation, n, "dilation")
-        for name, value in (
-            ("kernel_size", self.kernel_size),
-            ("stride", self.stride),
-            ("dilation", self.dilation),
-        ):
-            if any(v < 1 for v in value):
-                raise ValueError(f"{name}: must be positive, got {value}")
+        self.kernel_size, self.stride, self.dilation = conv_geometry(
+            n, in_channels, out_channels, groups, kernel_size, stride, dilation
+        )
         self.padding = padding if isinstance(padding, str) else ntuple(padding, n, "padding")
         self.padding_mode = padding_mode
         self._resolved: ResolvedPadding = resolve_padding(
@@ -149,7 +126,7 @@ class DynamicConvNd(nn.Module):
         Only exact ``nn.Conv1d/2d/3d`` (or subclasses that keep their ``forward``) are
         accepted: a subclass that overrides ``forward`` computes something else.
         """
-        _check_k(k)
+        check_k(k)
         target = cls._target_for(conv)
         weight = conv.weight
         if isinstance(weight, nn.parameter.UninitializedParameter):
