@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 #: checks every import statement). docs/architecture.md explains each stage.
 PIPELINE: tuple[tuple[str, ...], ...] = (
     ("errors",),
-    ("ranks", "modes", "interrupts", "option_fields", "zoo"),
+    ("ranks", "modes", "interrupts", "option_fields", "callable_module", "zoo"),
     ("files",),
     ("engine",),
     ("layers",),

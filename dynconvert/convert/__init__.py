@@ -6,9 +6,7 @@ build exact dynamic counterparts, ``replace`` swaps them into the module tree, `
 ties these together and returns a :class:`~dynconvert.report.ConversionReport`.
 """
 
-import sys
-import types
-
+from ..callable_module import make_callable
 from .api import convert
 from .config import ConvertConfig
 from .replace import swap_named
@@ -25,15 +23,4 @@ __all__ = [
 ]
 
 
-class _CallableModule(types.ModuleType):
-    """``dynconvert.convert`` is both this subpackage and the function.
-
-    Importing the subpackage rebinds the attribute ``dynconvert.convert`` to the module (over
-    the lazily exported function), so the module itself forwards calls to :func:`convert`.
-    """
-
-    def __call__(self, *args, **kwargs):
-        return convert(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_callable(__name__, convert)

@@ -5,9 +5,7 @@ model at several batch sizes, ``fold_bn`` folds BatchNorms into the dynamic conv
 export, ``api.export`` ties them together (see :func:`export`).
 """
 
-import sys
-import types
-
+from ..callable_module import make_callable
 from .api import DEFAULT_BATCH_SIZES, ExportResult, export
 from .fold_bn import FoldedPair, fold_bn
 from .formats import FORMATS
@@ -24,15 +22,4 @@ __all__ = [
 ]
 
 
-class _CallableModule(types.ModuleType):
-    """``dynconvert.export`` is both this subpackage and the function.
-
-    Importing the subpackage rebinds the attribute ``dynconvert.export`` to the module (over
-    the lazily exported function), so the module itself forwards calls to :func:`export`.
-    """
-
-    def __call__(self, *args, **kwargs):
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_callable(__name__, export)

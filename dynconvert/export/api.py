@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import DynconvertError, first_line
-from . import modes
+from . import export_state
 from .deps import check_available
 from .fold_bn import FoldedPair
 from .fold_bn import fold_bn as fold_batchnorms
@@ -138,9 +138,9 @@ def _probe(model: nn.Module, example: torch.Tensor, input_size: tuple[int, ...])
     """One eval-mode forward, so that a wrong input size is one clear error, before any export."""
     try:
         with (
-            modes.eval_mode(model),
-            modes.any_batch_size(model),
-            modes.fixed_strategy_choice(),
+            export_state.eval_mode(model),
+            export_state.any_batch_size(model),
+            export_state.fixed_strategy_choice(),
             torch.no_grad(),
         ):
             model(example)
@@ -217,7 +217,7 @@ def export(
     target, folded = model, []
     if fold_bn:
         target = copy.deepcopy(model)
-        with modes.eval_mode(target):
+        with export_state.eval_mode(target):
             folded = fold_batchnorms(target)
 
     # The exporters abort the whole process on a full disk, so refuse up front.
@@ -226,7 +226,7 @@ def export(
     with atomic_output(path, suffix=path.suffix) as tmp:
         start = time.perf_counter()
         try:
-            with modes.eval_mode(target), modes.static_strategy(target):
+            with export_state.eval_mode(target), export_state.static_strategy(target):
                 fmt.write(target, example, tmp, opset)
         except DynconvertError:
             raise
@@ -247,9 +247,9 @@ def export(
                     f"loaded back ({first_line(exc)}), so {path} was not written"
                 ) from exc
             with (
-                modes.eval_mode(model),
-                modes.any_batch_size(model),
-                modes.fixed_strategy_choice(),
+                export_state.eval_mode(model),
+                export_state.any_batch_size(model),
+                export_state.fixed_strategy_choice(),
             ):
                 result.rows = verify_file(name, runner, model, size, sizes, like)
             result.verify_seconds = time.perf_counter() - start

@@ -9,12 +9,11 @@ transforms, resumable seeded sampling), ``losses`` (CE, distillation, param grou
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import Any
 
 from torch import nn
 
+from ..callable_module import make_callable
 from ..errors import DynconvertError
 from ..ranks import warnings_on_main_only
 from .loop import Trainer
@@ -62,15 +61,4 @@ __all__ = [
 ]
 
 
-class _CallableModule(types.ModuleType):
-    """``dynconvert.finetune`` is both this subpackage and the function.
-
-    Importing the subpackage binds the attribute ``dynconvert.finetune`` to the module (over
-    the lazily exported function), so the module forwards calls to :func:`finetune`.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> FinetuneResult:
-        return finetune(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_callable(__name__, finetune)
