@@ -18,7 +18,8 @@ import torch
 from conftest import rel_err
 from export_models import Mixed, build
 from finetune_helpers import QUIET, tensor_data, tiny_model
-from test_strategies import GRID, SPATIAL, check_every_strategy, make_layer, reference, strategies
+from reference import per_sample_reference as reference
+from test_strategies import GRID, SPATIAL, check_every_strategy, make_layer, strategies
 from torch import nn
 
 import dynconvert

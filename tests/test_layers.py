@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 from conftest import rel_err
+from reference import float64_reference, per_sample_reference
 from timm.layers import Conv2dSame
 from torch import nn
 
@@ -67,12 +68,6 @@ def randomize_router(layer: DynamicConvNd) -> None:
         layer.attention.fc2.bias.normal_(0, 1.0)
 
 
-def reference_forward(layer: DynamicConvNd, x: torch.Tensor) -> torch.Tensor:
-    """Float64 reference: per-sample convs with the explicitly mixed kernel."""
-    with torch.no_grad():
-        return reference_forward_with_grad(copy.deepcopy(layer).double(), x.double())
-
-
 def strategies_for(batch: int) -> list[str]:
     return [s for s in STRATEGIES if not (s == "dense" and batch != 1)] + ["auto"]
 
@@ -103,7 +98,7 @@ def test_strategies_match_float64_reference(n, opts, mode):
     layer = DYNAMIC[n](**opts, padding_mode=mode, k=3, temperature=0.7)
     randomize_router(layer)
     x = make_input(n, opts["in_channels"])
-    expected = reference_forward(layer, x)
+    expected = float64_reference(layer, x)
     with torch.no_grad():
         for strategy in strategies_for(x.shape[0]):
             layer.strategy = strategy
@@ -125,7 +120,7 @@ def test_gradients_match_float64_reference(n, opts, mode, batch):
     x = make_input(n, opts["in_channels"], batch=batch).requires_grad_()
     x64 = x.detach().double().requires_grad_()
     ref_layer = copy.deepcopy(layer).double()
-    ref_out = reference_forward_with_grad(ref_layer, x64)
+    ref_out = per_sample_reference(ref_layer, x64)
     grad_out = torch.randn_like(ref_out)
     expected = _grads(ref_layer, x64, ref_out, grad_out)
     assert set(expected) >= {"input", "weight", "attention.fc1.weight", "attention.fc2.weight"}
@@ -134,33 +129,6 @@ def test_gradients_match_float64_reference(n, opts, mode, batch):
         got = _grads(layer, x, layer(x), grad_out)
         for name, g in got.items():
             assert rel_err(g, expected[name]) <= 1e-5, (strategy, name)
-
-
-def reference_forward_with_grad(layer: DynamicConvNd, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``nn.ConvNd._conv_forward`` (PyTorch's own padding code) with the mixed kernel.
-
-    Differentiable w.r.t. the given (float64) layer's parameters and ``x``.
-    """
-    attn = torch.softmax(layer.attention.logits(x) / layer.attention.temperature, dim=1)
-    outs = []
-    for b in range(x.shape[0]):
-        weight = torch.einsum("k,k...->...", attn[b], layer.weight)
-        bias = None if layer.bias is None else attn[b] @ layer.bias
-        ref = CONVS[layer.dims](
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.groups,
-            padding_mode=layer.padding_mode,
-            bias=False,
-            dtype=torch.float64,
-        )
-        out = ref._conv_forward(x[b : b + 1], weight, bias)
-        outs.append(out)
-    return torch.cat(outs)
 
 
 # -- dtypes, memory formats, devices ---------------------------------------------------------
@@ -181,7 +149,7 @@ def test_channels_last_and_non_contiguous_inputs(n, mode):
         for strategy in strategies_for(4):
             layer.strategy = strategy
             assert rel_err(layer(x_cl), layer(x)) <= 1e-6, strategy
-            assert rel_err(layer(x_strided), reference_forward(layer, x_strided)) <= 1e-5
+            assert rel_err(layer(x_strided), float64_reference(layer, x_strided)) <= 1e-5
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.bfloat16, 3e-2)])
@@ -198,7 +166,7 @@ def test_dtypes(dtype, tol, n):
             layer.strategy = strategy
             out = layer(x)
             assert out.dtype == dtype
-            assert rel_err(out, reference_forward(layer, x)) <= tol, strategy
+            assert rel_err(out, float64_reference(layer, x)) <= tol, strategy
 
 
 def test_factory_kwargs():

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import rel_err
+from reference import float64_reference
 from timm.layers import Conv2dSame, StdConv2dSame
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
@@ -23,22 +23,6 @@ from dynconvert.layers import DynamicConv2dSame, DynamicConvNd
 CHANNELS = 128
 
 
-def reference(layer: DynamicConv2d, x: torch.Tensor) -> torch.Tensor:
-    """float64: each sample's conv with its own mixed kernel."""
-    x64 = x.double()
-    attn = layer.attention.double()(x64)
-    layer.attention.float()
-    weight = layer.weight.detach().double()
-    outs = []
-    for i in range(x.shape[0]):
-        kernel = torch.einsum("k,k...->...", attn[i], weight)
-        outs.append(F.conv2d(x64[i : i + 1], kernel, None, layer.stride, layer.padding))
-    out = torch.cat(outs)
-    if layer.bias is not None:
-        out = out + (attn @ layer.bias.detach().double())[:, :, None, None]
-    return out
-
-
 def moved_router(layer: DynamicConv2d) -> DynamicConv2d:
     torch.nn.init.normal_(layer.attention.fc2.weight, std=1.0)  # non-uniform attention
     return layer
@@ -49,7 +33,7 @@ def large_layer_in_eval(strategy: str, batch: int):
     torch.manual_seed(0)
     layer = moved_router(DynamicConv2d(CHANNELS, CHANNELS, 3, padding=1, strategy=strategy))
     x = torch.randn(batch, CHANNELS, 8, 8)
-    want = reference(layer, x)
+    want = float64_reference(layer, x)
     return layer.eval(), x, want
 
 
@@ -107,7 +91,7 @@ def test_packed_kernels_follow_an_edit_through_data():
         layer(x)
         assert prepacked.stats()["packs"] >= 1
         layer.weight.data.mul_(2.0)
-        assert rel_err(layer(x), reference(layer, x)) < 1e-5
+        assert rel_err(layer(x), float64_reference(layer, x)) < 1e-5
 
 
 def test_conv2d_same_from_conv_takes_only_timms_conv2d_same():
@@ -129,7 +113,7 @@ def test_channels_last_in_channels_last_out_like_nn_conv2d(strategy):
     with torch.no_grad():
         out = layer(x.contiguous(memory_format=torch.channels_last))
         assert out.is_contiguous(memory_format=torch.channels_last)
-        assert rel_err(out, reference(layer, x)) < 1e-5
+        assert rel_err(out, float64_reference(layer, x)) < 1e-5
         assert layer(x).is_contiguous()  # and contiguous stays contiguous
 
 
@@ -244,6 +228,6 @@ def test_torch_compile_matches_eager_in_training_and_eval():
             assert rel_err(have, expected) < 1e-5
         layer.eval()
         with torch.no_grad():
-            assert rel_err(compiled(x), reference(layer, x)) < 1e-5
+            assert rel_err(compiled(x), float64_reference(layer, x)) < 1e-5
     finally:
         torch._dynamo.reset()

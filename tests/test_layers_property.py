@@ -6,7 +6,8 @@ import torch
 from conftest import rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_layers import CONVS, randomize_router, reference_forward, strategies_for
+from reference import float64_reference
+from test_layers import CONVS, randomize_router, strategies_for
 
 from dynconvert import DynamicConvNd
 
@@ -64,7 +65,7 @@ def test_random_configurations(config):
         assert layer(x).shape == expected.shape
         assert rel_err(layer(x), expected) <= 1e-5
         randomize_router(layer)
-        reference = reference_forward(layer, x)
+        reference = float64_reference(layer, x)
         for strategy in strategies_for(shape[0]):
             layer.strategy = strategy
             assert rel_err(layer(x), reference) <= 1e-5, strategy

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import rel_err
+from reference import per_sample_reference
 
 from dynconvert import DynamicConv1d, DynamicConv2d, DynamicConv3d
 from dynconvert.engine import STRATEGIES, lean_backward
@@ -138,18 +139,6 @@ def lean_switch():
     lean_backward.set_lean_backward(enabled)
 
 
-def _float64_reference(layer, x: torch.Tensor) -> torch.Tensor:
-    """Explicitly mixed kernel per sample, plain autograd, float64."""
-    attn = layer.attention(x)
-    geometry = (layer.stride, layer.padding, layer.dilation, layer.groups)
-    outs = []
-    for b in range(x.shape[0]):
-        kernel = torch.einsum("k,k...->...", attn[b], layer.weight)
-        bias = None if layer.bias is None else attn[b] @ layer.bias
-        outs.append(torch.nn.functional.conv2d(x[b : b + 1], kernel, bias, *geometry))
-    return torch.cat(outs)
-
-
 SWITCH_CASES = [
     dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, stride=2),
     dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6),  # depthwise
@@ -167,7 +156,7 @@ def test_gradients_match_float64_with_the_switch_either_way(lean_switch, lean, c
     ref_layer.load_state_dict(layer.state_dict())
     x = torch.randn(batch, case["in_channels"], 7, 7)
     x64 = x.double().requires_grad_()
-    ref = _float64_reference(ref_layer, x64)
+    ref = per_sample_reference(ref_layer, x64)
     grad = torch.randn_like(ref)
     ref.backward(grad)
     names = [s for s in STRATEGIES if batch == 1 or s != "dense"] + ["auto"]

@@ -13,7 +13,8 @@ import io
 import pytest
 import torch
 from conftest import rel_err
-from test_strategies import make_layer, reference
+from reference import per_sample_reference as reference
+from test_strategies import make_layer
 
 from dynconvert import DynamicConv1d, DynamicConv2d
 from dynconvert.engine import STRATEGIES, SWITCHES, autotune, prepacked, tuning

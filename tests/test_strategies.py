@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 from conftest import rel_err
+from reference import per_sample_reference as reference
 
 from dynconvert import DynamicConv1d, DynamicConv2d, DynamicConv3d, DynamicConvNd
 from dynconvert.engine import STRATEGIES, DynamicConvSpec, direct, tuning, workspace
@@ -41,30 +42,6 @@ def make_layer(n: int, case: dict, strategy: str, dtype=torch.float32) -> Dynami
         layer.attention.fc2.weight.normal_(0, 1.0)
         layer.attention.fc2.bias.normal_(0, 1.0)
     return layer
-
-
-def reference(layer: DynamicConvNd, x: torch.Tensor) -> torch.Tensor:
-    """Float64, per sample: the explicitly mixed kernel in PyTorch's own nn.ConvNd."""
-    conv_type = type(layer).conv_type
-    attn = layer.attention(x)
-    outs = []
-    for b in range(x.shape[0]):
-        conv = conv_type(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.groups,
-            bias=False,
-            padding_mode=layer.padding_mode,
-            dtype=x.dtype,
-        )
-        weight = torch.einsum("k,k...->...", attn[b], layer.weight)
-        bias = None if layer.bias is None else attn[b] @ layer.bias
-        outs.append(conv._conv_forward(x[b : b + 1], weight, bias))
-    return torch.cat(outs)
 
 
 def strategies(batch: int) -> list[str]:
