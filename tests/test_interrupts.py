@@ -22,12 +22,19 @@ HELPER = Path(__file__).with_name("interrupt_helper.py")
 CONVERT = ["test_resnet", "--no-pretrained", "--k", "2", "--input-size", "3,32,32"]
 
 
+def _default_sigint() -> None:
+    """A shell runs background jobs with SIGINT ignored, and children inherit that (Python then
+    installs no Ctrl-C handler): give the child the SIGINT of a terminal's foreground job."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(mode: str, folder: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, str(HELPER), mode, *args],
         cwd=folder,
         env=env,
+        preexec_fn=_default_sigint,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
