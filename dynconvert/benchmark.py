@@ -16,6 +16,7 @@ reset the peak (``/proc/self/clear_refs``), then one measured step; the figure i
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import gc
 import json
@@ -30,7 +31,12 @@ from pathlib import Path
 
 import torch
 
+from .convert import convert
 from .convert.config import ConvertConfig
+from .finetune.models import load_user_model, static_twin
+from .finetune.precision import AMP_DTYPES
+from .io import load
+from .layers import DynamicConvNd
 from .sources import build_timm_model, is_saved_file
 
 
@@ -152,14 +158,8 @@ def load_pair(
 
     ``architecture``: the module a saved custom model's file is loaded into (``--model``).
     """
-    import copy
-
     if is_saved_file(spec):
-        import dynconvert
-
-        return saved_pair(dynconvert.load(spec, model=architecture), strategy)
-    from . import convert
-
+        return saved_pair(load(spec, model=architecture), strategy)
     static = build_timm_model(spec, pretrained=False)
     dynamic = copy.deepcopy(static)
     start = time.perf_counter()
@@ -170,16 +170,12 @@ def load_pair(
 def saved_pair(dynamic: torch.nn.Module, strategy: str = "auto"):
     """(its static twin, the loaded dynamic model, None): a file's baseline is each dynamic
     conv replaced by a plain conv of the same shape; there is no conversion to time."""
-    from .finetune.models import static_twin
-
     if strategy != "auto":
         set_strategy(dynamic, strategy)
     return static_twin(dynamic), dynamic, None
 
 
 def set_strategy(model: torch.nn.Module, strategy: str) -> None:
-    from .layers import DynamicConvNd
-
     for m in model.modules():
         if isinstance(m, DynamicConvNd):
             m.strategy = strategy
@@ -241,15 +237,11 @@ def _memory_child(argv: list[str]) -> None:
     print the step's peak on ``DEVICE`` (``AMP``: ``bf16``, ``fp16`` or ``-`` for none;
     ``ARCH``: a ``package.module:function`` or ``-``). The model is built on CPU, then moved."""
     spec, variant, batch, k, strategy, device_arg, amp, arch, *size = argv
-    from .finetune.precision import AMP_DTYPES
-
     device = torch.device(device_arg)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the allocator statistics are the current device's
     architecture = None
     if arch != "-":
-        from .finetune.models import load_user_model
-
         architecture = load_user_model(arch)
     static, dynamic, _ = load_pair(spec, int(k), strategy, architecture)
     model = (static if variant == "static" else dynamic).to(device)

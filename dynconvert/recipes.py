@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .convert.config import ConvertConfig
 from .errors import DynconvertError
 from .finetune.options import FinetuneOptions
@@ -146,7 +148,6 @@ def load_recipe(path: str | Path) -> Recipe:
 def _read_yaml(path: Path) -> Any:
     """``yaml.safe_load`` that refuses a key set twice in one mapping (PyYAML keeps the last
     one, so the first value would be silently dropped)."""
-    import yaml
 
     class UniqueKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):

@@ -15,7 +15,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
 from .errors import DynconvertError
+from .files import atomic_write_text
 
 FORMAT = "dynconvert.report/1"
 
@@ -161,8 +166,6 @@ class ConversionReport:
         folder = path.parent
         if not folder.is_dir():
             raise DynconvertError(f"cannot write {path}: folder {folder} does not exist")
-        from .files import atomic_write_text
-
         atomic_write_text(json.dumps(self.to_dict(), indent=2) + "\n", path)
         return path
 
@@ -170,9 +173,6 @@ class ConversionReport:
 
     def table(self):
         """The rich ``Table``: one row per conv and a totals row with the ratios."""
-        from rich.markup import escape
-        from rich.table import Table
-
         totals = self.totals
         size = "×".join(map(str, self.input_size)) if self.input_size else "unknown size"
         table = Table(
@@ -226,8 +226,6 @@ class ConversionReport:
 
     def print(self, console=None) -> None:
         """Print the table, the model's parameter totals and the notes."""
-        from rich.console import Console
-
         console = console or Console()
         console.print(self.table())
         totals = self.totals

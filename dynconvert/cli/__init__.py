@@ -34,6 +34,9 @@ _COMMANDS = {
     "bench": "dynconvert.cli.bench_cmd:bench_command",
 }
 DEFAULT_COMMAND = "convert"
+# Whether an unknown first word is a typo needs timm (seconds to import): the check lives with
+# the convert command, which imports timm anyway, and runs only when that word is seen.
+_TYPO_CHECK = "dynconvert.cli.convert_cmd:refuse_mistyped_command"
 # click >= 8.2 raises this for a group called without arguments (older versions print the help).
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
@@ -47,9 +50,8 @@ class _Group(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in _COMMANDS:
             return None
-        module, attr = _COMMANDS[name].split(":")
         try:
-            return getattr(import_module(module), attr)
+            return _attribute(_COMMANDS[name])
         except ModuleNotFoundError as exc:
             if exc.name and exc.name.startswith("dynconvert"):
                 return None  # command not built yet
@@ -57,24 +59,15 @@ class _Group(click.Group):
 
     def resolve_command(self, ctx: click.Context, args: list[str]):
         if args and args[0] not in _COMMANDS and not args[0].startswith("-"):
-            _refuse_mistyped_command(ctx, args[0])
+            _attribute(_TYPO_CHECK)(ctx, args[0], list(_COMMANDS))
             args = [DEFAULT_COMMAND, *args]
         return super().resolve_command(ctx, args)
 
 
-def _refuse_mistyped_command(ctx: click.Context, word: str) -> None:
-    """``inspct`` is a typo of ``inspect``, not a MODEL to convert (unless it is one)."""
-    import difflib
-
-    from ..sources import is_saved_file, is_user_function
-
-    close = difflib.get_close_matches(word.lower(), list(_COMMANDS), n=1, cutoff=0.75)
-    if not close or is_saved_file(word) or is_user_function(word):  # finetuned.pt is a MODEL
-        return
-    import timm
-
-    if not timm.is_model(word):
-        ctx.fail(f"unknown command {word!r}; did you mean {close[0]!r}?")
+def _attribute(target: str):
+    """The object that ``"module:attribute"`` names, its module imported now."""
+    module, attr = target.split(":")
+    return getattr(import_module(module), attr)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -18,11 +18,19 @@ import os
 from pathlib import Path
 
 import click
+import torch
+from rich.console import Console
+from rich.table import Table
 
+from .. import benchmark
 from ..convert.config import ConvertConfig
 from ..errors import DynconvertError, first_line
+from ..finetune.distributed import resolve_device
+from ..finetune.precision import AMP_DTYPES, amp_dtype
+from ..io import atomic_write_text, check_outputs
 from ..model_request import build_architecture, load_saved
 from ..sources import check_model_argument, check_model_path, full_input_size, is_saved_file
+from .convert_cmd import explicit_options
 from .options import named_option
 from .params import architecture_option, input_size_option, json_option
 
@@ -33,11 +41,6 @@ def _mib(n: int) -> str:
 
 def _device(name: str, amp: str | None):
     """The torch.device of ``--device``, checked with ``--amp`` before any model is built."""
-    import torch
-
-    from ..finetune.distributed import resolve_device
-    from ..finetune.precision import amp_dtype
-
     try:
         device = resolve_device(name)
     except DynconvertError as exc:
@@ -56,8 +59,6 @@ def _device(name: str, amp: str | None):
 def _first_calls(calls: dict, amp: str | None, device) -> None:
     """One call of each (autotune measures here, outside the timed rounds); under ``--amp`` a
     failure is torch refusing an op in that dtype there, said in one line."""
-    import torch
-
     for call in calls.values():
         try:
             call()
@@ -73,8 +74,6 @@ def _first_calls(calls: dict, amp: str | None, device) -> None:
 def _load_pair(model_spec: str, architecture: str | None, k: int, strategy: str):
     """(static, dynamic, conversion seconds or None), as ``benchmark.load_pair``, with the
     CLI's checks and errors for a file (missing, a folder, a custom model)."""
-    from ..benchmark import load_pair, saved_pair
-
     if not is_saved_file(model_spec):
         if architecture is not None:
             raise DynconvertError(
@@ -82,25 +81,20 @@ def _load_pair(model_spec: str, architecture: str | None, k: int, strategy: str)
                 "model name, drop --model",
                 usage=True,
             )
-        return load_pair(model_spec, k, strategy)
+        return benchmark.load_pair(model_spec, k, strategy)
     path = Path(model_spec)
     check_model_path(path)
-    return saved_pair(load_saved(path, build_architecture(architecture)), strategy)
+    return benchmark.saved_pair(load_saved(path, build_architecture(architecture)), strategy)
 
 
 def _measure(model_spec, pair, batch, input_size, k, rounds, train, memory, strategy,
              architecture, device, amp) -> dict:  # fmt: skip
-    import torch
-
-    from .. import benchmark as bm
-    from ..finetune.precision import AMP_DTYPES
-
     if device.type == "cuda":
         torch.cuda.set_device(device)  # cuda_sync and the allocator act on the current device
     static, dynamic, convert_s = (pair[0].to(device), pair[1].to(device), pair[2])
-    dtype, sync = AMP_DTYPES.get(amp), bm.cuda_sync(device)
+    dtype, sync = AMP_DTYPES.get(amp), benchmark.cuda_sync(device)
     input_size = full_input_size(input_size, static)
-    x = bm.input_for(static, batch, input_size)
+    x = benchmark.input_for(static, batch, input_size)
     try:
         with torch.no_grad():
             static.eval()(x)
@@ -109,22 +103,24 @@ def _measure(model_spec, pair, batch, input_size, k, rounds, train, memory, stra
             f"{model_spec} does not run on input {tuple(x.shape)}: {exc}; pass --input-size C,H,W",
             usage=True,
         ) from exc
-    result: dict = {"model": model_spec, "device": bm.device_name(device), "amp": amp}
+    result: dict = {"model": model_spec, "device": benchmark.device_name(device), "amp": amp}
     result.update(batch=batch, input=list(x.shape[1:]), convert_s=convert_s)
     models = {"static": static, "dynamic": dynamic}
-    calls = {name: bm.eval_call(model, x, dtype) for name, model in models.items()}
+    calls = {name: benchmark.eval_call(model, x, dtype) for name, model in models.items()}
     _first_calls(calls, amp, device)
-    times = bm.medians(bm.interleaved_times(calls, rounds, sync=sync))
+    times = benchmark.medians(benchmark.interleaved_times(calls, rounds, sync=sync))
     result["eval_ms"] = {n: t * 1e3 for n, t in times.items()}
     if train:
-        steps = {name: bm.train_step(model, x, amp=dtype) for name, model in models.items()}
+        steps = {name: benchmark.train_step(model, x, amp=dtype) for name, model in models.items()}
         _first_calls(steps, amp, device)  # the warm-up step
-        times = bm.medians(bm.interleaved_times(steps, max(1, rounds // 2), warmup=0, sync=sync))
+        times = benchmark.medians(
+            benchmark.interleaved_times(steps, max(1, rounds // 2), warmup=0, sync=sync)
+        )
         result["train_ms"] = {n: t * 1e3 for n, t in times.items()}
     if memory and train:
         size = input_size or tuple(x.shape[1:])
         result["peak_bytes"] = {
-            variant: bm.step_peak_memory(
+            variant: benchmark.step_peak_memory(
                 model_spec, name, batch, k, size, strategy, architecture, str(device), amp
             )
             for variant, name in (("static", "static"), ("dynamic", "dynconvert"))
@@ -133,8 +129,6 @@ def _measure(model_spec, pair, batch, input_size, k, rounds, train, memory, stra
 
 
 def _table(result: dict):
-    from rich.table import Table
-
     on = f"{result['device']}, " + (f"{result['amp']} autocast" if result["amp"] else "float32")
     title = f"{result['model']} on {on}: batch {result['batch']}, input {result['input']}"
     table = Table(title=title)
@@ -186,11 +180,6 @@ def bench_command(
     architecture: str | None,
 ) -> None:
     """Time MODEL static vs dynamic: eval latency, a training step and its peak memory."""
-    from rich.console import Console
-
-    from ..io import atomic_write_text, check_outputs
-    from .convert_cmd import explicit_options
-
     check_model_argument(model)
     if is_saved_file(model) and explicit_options(ctx, ["k"]):
         raise DynconvertError(

@@ -18,19 +18,22 @@ The command is three steps (:func:`prepare_model`, an optional ``after_convert``
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+import timm
 from click.core import ParameterSource
 from torch import nn
 
 from ..convert.config import ConvertConfig
 from ..errors import DynconvertError
+from ..io import check_outputs, read, save
 from ..model_request import CONVERSION_OPTIONS, ModelRequest, Prepared, apply_recipe, prepare_model
 from ..recipes import load_recipe
-from ..sources import is_saved_file
+from ..sources import is_saved_file, is_user_function
 from .finetune_cmd import finetune_step, is_main_process, pipeline_options, pop_pipeline_flags
 from .options import dataclass_options
 from .params import FilePath, architecture_option, json_option
@@ -56,19 +59,26 @@ def show_report(report: Any, json_path: Path | None) -> None:
 
 def write_outputs(prepared: Prepared, out: Path | None, json_path: Path | None) -> None:
     """Print the report, write ``--json``, and save the model to ``--out`` (if given)."""
-    import dynconvert
-
     if not is_main_process():  # under torchrun every rank converts; rank 0 alone writes
         return
     show_report(prepared.report, json_path)
     if out is None:
         click.echo("dry run: the model was not written")
         return
-    dynconvert.save(prepared.model, out, report=prepared.report)
+    save(prepared.model, out, report=prepared.report)
     size_mb = out.stat().st_size / 2**20
-    custom = dynconvert.io.read(out, map_location="meta")["source"].get("kind") != "timm"
+    custom = read(out, map_location="meta")["source"].get("kind") != "timm"
     how = f"dynconvert.load({str(out)!r}{', model=<your architecture>' if custom else ''})"
     click.echo(f"saved {out} ({size_mb:.1f} MiB); load it with {how}")
+
+
+def refuse_mistyped_command(ctx: click.Context, word: str, commands: list[str]) -> None:
+    """``inspct`` is a typo of ``inspect``, not a MODEL to convert (unless it is one)."""
+    close = difflib.get_close_matches(word.lower(), commands, n=1, cutoff=0.75)
+    if not close or is_saved_file(word) or is_user_function(word):  # finetuned.pt is a MODEL
+        return
+    if not timm.is_model(word):
+        ctx.fail(f"unknown command {word!r}; did you mean {close[0]!r}?")
 
 
 def input_files(request: ModelRequest) -> dict[str, Path | None]:
@@ -87,8 +97,6 @@ def run_convert(
     after_convert: AfterConvert | None = None,
 ) -> Prepared:
     """The command without click: check outputs, prepare, optional extra step, write."""
-    from dynconvert.io import check_outputs
-
     # fail before the (slow) conversion
     check_outputs({"--out": out, "--json": json_path}, input_files(request))
     prepared = prepare_model(request)

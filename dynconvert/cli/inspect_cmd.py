@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from ..errors import DynconvertError
+from ..io import CONVERSION_ATTR, check_outputs, read
 from ..model_request import (
     CONVERSION_OPTIONS,
     ModelRequest,
@@ -21,6 +22,7 @@ from ..model_request import (
     load_saved,
     prepare_model,
 )
+from ..report import ConversionReport
 from ..sources import check_model_argument, check_model_path, is_saved_file
 from .convert_cmd import conversion_options, explicit_options, show_report
 from .params import architecture_option, json_option
@@ -43,9 +45,6 @@ def _describe_file(data: dict[str, Any]) -> str:
 
 
 def _file_report(path: Path, architecture: str | None):
-    from dynconvert.io import CONVERSION_ATTR, read
-    from dynconvert.report import ConversionReport
-
     data = read(path)
     stored = data.get("report")
     if not isinstance(stored, dict):  # an older or foreign writer: rebuild to list the layers
@@ -77,8 +76,6 @@ def inspect_command(
     dynconvert inspect resnet50 --k 4 --exclude 'layer4.*'
     dynconvert inspect model.pt
     """
-    from dynconvert.io import check_outputs
-
     check_model_argument(model)
     saved = Path(model) if is_saved_file(model) else None
     check_outputs({"--json": json_path}, {"MODEL": saved})

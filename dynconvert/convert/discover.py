@@ -17,8 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import timm.models  # noqa: F401  (registers the model-level not-traceable modules)
 import torch
 import torch.fx as fx
+from timm.layers import get_notrace_functions, get_notrace_modules
 from torch import nn
 
 from ..errors import first_line
@@ -87,11 +89,6 @@ def _module_sites(model: nn.Module) -> list[ConvSite]:
 
 
 def _notrace_registries() -> tuple[tuple[type, ...], tuple[Any, ...]]:
-    try:
-        import timm.models  # noqa: F401  (registers the model-level not-traceable modules)
-        from timm.layers import get_notrace_functions, get_notrace_modules
-    except ImportError:  # pragma: no cover
-        return (), ()
     functions = tuple(f for f in get_notrace_functions() if callable(f))
     return tuple(get_notrace_modules()), functions
 

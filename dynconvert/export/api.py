@@ -19,9 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from timm.data import resolve_data_config
 from torch import nn
 
 from ..errors import DynconvertError, first_line
+from ..io import atomic_output, check_free_space, check_output_path
 from . import export_state
 from .deps import check_available
 from .fold_bn import FoldedPair
@@ -93,8 +96,6 @@ def resolve_input_size(
             )
         return size
     if getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None):
-        from timm.data import resolve_data_config
-
         return tuple(int(s) for s in resolve_data_config({}, model=model)["input_size"])
     raise DynconvertError(
         f"the input size of {type(model).__name__} is not known (it has no timm data config); "
@@ -161,8 +162,6 @@ def _weight_bytes(model: nn.Module) -> int:
 
 
 def _show(rows: list[dict[str, Any]], title: str) -> None:
-    from rich.console import Console
-
     Console().print(table(rows, title=title))
 
 
@@ -195,7 +194,6 @@ def export(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    from ..io import atomic_output, check_free_space, check_output_path
 
     name, sizes = _check_arguments(format, batch_sizes, opset)
     fmt = FORMATS[name]

@@ -7,6 +7,7 @@ from contextlib import AbstractContextManager, contextmanager
 
 from torch import nn
 
+from ..engine import autotune
 from ..layers import DynamicConvNd
 from ..modes import training_mode
 
@@ -58,8 +59,6 @@ def fixed_strategy_choice() -> Iterator[None]:
     Verification runs each batch size once: measuring every strategy for every new input
     shape would cost more than the check, and all strategies compute the same function.
     """
-    from ..engine import autotune
-
     enabled = autotune.autotune_enabled()
     autotune.set_autotune(False)
     try:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
 
 from ..convert.discover import ConvTracer
@@ -49,14 +50,6 @@ class _FoldTracer(ConvTracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def _batchnorm_act_type() -> type | None:
-    try:
-        from timm.layers.norm_act import BatchNormAct2d
-    except ImportError:  # pragma: no cover
-        return None
-    return BatchNormAct2d
-
-
 def _replacement(norm: nn.Module) -> nn.Module | None:
     """What computes the rest of ``norm`` once its affine map is folded (None: cannot fold)."""
     if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
@@ -65,7 +58,7 @@ def _replacement(norm: nn.Module) -> nn.Module | None:
         return None  # it normalises with batch statistics even in eval mode
     if type(norm).forward is nn.modules.batchnorm._BatchNorm.forward:  # BatchNorm1d/2d/3d
         return nn.Identity()
-    if type(norm) is _batchnorm_act_type():
+    if type(norm) is BatchNormAct2d:
         return nn.Sequential(norm.drop, norm.act)
     return None  # a subclass with its own forward computes something else
 

@@ -86,7 +86,7 @@ def max_onnx_opset() -> int | None:
     then writes opset 18 anyway, with a traceback on stderr and no error.
     """
     try:
-        import onnx
+        import onnx  # optional dependency
     except ImportError:
         return None
     return int(onnx.defs.onnx_opset_version())

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from rich.table import Table
 from torch import nn
 
 from ..errors import first_line
@@ -139,8 +140,6 @@ def _number(value: float) -> str:
 
 def table(rows: list[dict[str, Any]], title: str | None = None):
     """The rows as a rich table (batch, errors, result)."""
-    from rich.table import Table
-
     view = Table(title=title)
     for name, justify in (("format", "left"), ("batch", "right"), ("max |error|", "right"),
                           ("max |output|", "right"), ("relative", "right"),

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,13 +35,8 @@ def capture_rng() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "python": [version, list(state), gauss],
     }
-    try:
-        import numpy as np
-
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        rng["numpy"] = [name, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]
-    except ImportError:
-        pass
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    rng["numpy"] = [name, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return rng
@@ -55,10 +51,6 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     seed = (seed + rank) % 2**32  # NumPy takes 32-bit seeds
     torch.manual_seed(seed)
     random.seed(seed)
-    try:
-        import numpy as np
-    except ImportError:
-        return
     np.random.seed(seed)
 
 
@@ -67,8 +59,6 @@ def restore_rng(rng: dict[str, Any]) -> None:
     version, state, gauss = rng["python"]
     random.setstate((version, tuple(state), gauss))
     if "numpy" in rng:
-        import numpy as np
-
         name, keys, pos, has_gauss, cached = rng["numpy"]
         np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
     if "cuda" in rng and torch.cuda.is_available():

@@ -17,8 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 from ..errors import DynconvertError
@@ -95,8 +98,6 @@ def _files(folder: Path) -> Iterator[Path]:
 
 
 def _is_image(path: Path) -> bool:
-    from PIL import Image
-
     try:
         with Image.open(path):  # lazy: parses the header, decodes nothing
             return True
@@ -122,8 +123,6 @@ def split_folders(data: str | Path) -> tuple[Path, Path | None]:
 
 def data_config(model: nn.Module, opts: FinetuneOptions) -> dict[str, Any]:
     """timm's data config for ``model`` (its ``pretrained_cfg``), with the options' overrides."""
-    from timm.data import resolve_data_config
-
     args: dict[str, Any] = {}
     if opts.input_size is not None:
         args["input_size"] = (3, opts.input_size, opts.input_size)
@@ -134,9 +133,6 @@ def data_config(model: nn.Module, opts: FinetuneOptions) -> dict[str, Any]:
 
 
 def build_transforms(config: dict[str, Any], augment: str) -> tuple[Any, Any]:
-    from timm.data import create_transform
-    from torchvision import transforms as T
-
     eval_tf = create_transform(**config, is_training=False)
     if augment == "timm":
         train_tf = create_transform(**config, is_training=True)
@@ -159,8 +155,6 @@ def build_transforms(config: dict[str, Any], augment: str) -> tuple[Any, Any]:
 def load_rgb(path: str):
     """An image file as 8-bit RGB, as torchvision's loader, except that 16-bit greyscale is
     scaled (``convert("RGB")`` clips it to white) and a failure names the file."""
-    from PIL import Image
-
     try:
         with open(path, "rb") as f:
             image = Image.open(f)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import DynconvertError
 
@@ -97,7 +98,5 @@ def init_distributed(device_name: str | None) -> DistContext:
 def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
     if not ctx.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine import autotune
 from ..errors import DynconvertError
 from ..files import atomic_torch_save
 from ..interrupts import interrupt_for
@@ -35,6 +36,7 @@ from .losses import (
 )
 from .models import check_head, model_num_classes, static_teacher, static_twin, to_channels_last
 from .options import FinetuneOptions
+from .plot import plot_history
 from .progress import TrainProgress, health_table, results_table
 from .result import FinetuneResult
 from .resume import restore_trainer, stop_on_sigint, trainer_state
@@ -300,8 +302,6 @@ class Trainer:
         self.epoch, self.batch, self.epoch_sums = self.epoch + 1, 0, [0.0, 0.0, 0.0]
         self._save()
         if opts.plot is not None and self.ctx.is_main:
-            from .plot import plot_history
-
             plot_history(self.history, opts.plot)
         val = f"  val top-1 {val_top1:.2f}%" if val_top1 is not None else ""
         progress.log(
@@ -316,8 +316,6 @@ class Trainer:
                 callback(event)
 
     def run(self) -> FinetuneResult:
-        from ..engine import autotune
-
         # Timing-based strategy choice could differ between runs (and a resumed run), and
         # each strategy rounds differently: deterministic runs use the fixed rules instead.
         deterministic = self.opts.deterministic

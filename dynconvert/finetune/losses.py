@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
 from torch import nn
 
 from ..errors import DynconvertError
@@ -74,8 +75,6 @@ def make_mixup(
         return None
     if num_classes is None:
         raise ValueError("mixup/cutmix: the number of classes is unknown")
-    from timm.data import Mixup
-
     mixup = Mixup(
         mixup_alpha=mixup_alpha,
         cutmix_alpha=cutmix_alpha,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import DynconvertError, first_line
+from ..files import safe_torch_load
 from ..io.saved_model import has_meta_tensors
 from ..layers import DynamicConvNd
 
@@ -245,8 +246,6 @@ def _raised(exc: BaseException) -> str:
 
 def load_weights(model: nn.Module, path: Path, spec: str) -> None:
     """Load the state dict at ``path`` into ``model`` strictly, every problem in one line."""
-    from ..files import safe_torch_load
-
     if path.is_dir():
         raise DynconvertError(
             f"weights: {path} is a folder; give the weights file (a state dict) in it",

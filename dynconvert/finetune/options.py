@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import DynconvertError
 from ..option_fields import option
+from .plot import check_plot_path  # matplotlib itself is imported only when a plot is drawn
 
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("bf16", "fp16")
@@ -206,8 +207,6 @@ class FinetuneOptions:
         if self.device is not None and not isinstance(self.device, str):
             self.device = str(self.device)
         if self.plot is not None:
-            from .plot import check_plot_path  # matplotlib only when a plot is asked for
-
             check_plot_path(self.plot)  # the plot is first written after a whole epoch
         for name in ("callbacks", "regularizers"):
             for item in getattr(self, name):

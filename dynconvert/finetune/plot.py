@@ -22,10 +22,10 @@ _NO_MATPLOTLIB = "plot: matplotlib is not installed; pip install 'dynconvert[plo
 
 def _pyplot():
     try:
-        import matplotlib
+        import matplotlib  # optional dependency
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional dependency
     except ImportError:
         raise DynconvertError(_NO_MATPLOTLIB) from None
     return plt
@@ -34,7 +34,7 @@ def _pyplot():
 def plot_formats() -> list[str]:
     """The file suffixes (without the dot) that ``savefig`` writes here."""
     try:
-        from matplotlib.backend_bases import FigureCanvasBase
+        from matplotlib.backend_bases import FigureCanvasBase  # optional dependency
     except ImportError:
         raise DynconvertError(_NO_MATPLOTLIB) from None
 

@@ -12,10 +12,12 @@ from typing import Any
 
 from torch import nn
 
+from ..convert import ConvertConfig
 from ..convert.variants import variant_of
 from ..errors import DynconvertError
 from ..layers import DynamicConvNd
 from ..layers.routers import router_width
+from ..report import ConversionReport, ConvRow
 
 # Set by ``load`` on the model it returns: {"config": dict, "converted": [...], "report": dict}.
 CONVERSION_ATTR = "_dynconvert_conversion"
@@ -155,8 +157,6 @@ def conversion_of(model: nn.Module, report: Any) -> dict[str, Any]:
 
 
 def _infer_conversion(model: nn.Module) -> dict[str, Any]:
-    from ..convert import ConvertConfig
-
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, DynamicConvNd)]
     if not layers:
         return {"config": ConvertConfig().to_dict(), "config_inferred": True, "converted": [],
@@ -198,8 +198,6 @@ def _common_ratio(layers: list[DynamicConvNd]) -> float | None:
 
 
 def report_of_layers(model: nn.Module, layers: list[tuple[str, DynamicConvNd]], config) -> dict:
-    from ..report import ConversionReport, ConvRow
-
     rows = []
     for name, layer in layers:
         static = layer.weight[0].numel() + (layer.bias[0].numel() if layer.bias is not None else 0)
@@ -230,8 +228,6 @@ def report_of_layers(model: nn.Module, layers: list[tuple[str, DynamicConvNd]], 
 
 
 def config_from_dict(data: dict[str, Any], what: str):
-    from ..convert import ConvertConfig
-
     try:
         return ConvertConfig.from_dict(dict(data))
     except (TypeError, ValueError) as exc:

@@ -6,13 +6,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from torch import nn
 
+from .. import __version__
+from ..convert import ConvertConfig, swap_named
 from ..errors import DynconvertError
 from ..files import atomic_torch_save, check_output_path, format_for_suffix, safe_torch_load
 from ..layers import DynamicConvNd
 from ..sources.records import source_problem
+from ..sources.timm_models import SOURCE_ATTR, model_source, rebuild_timm_model
 from .conversion import (
     CONVERSION_ATTR,
     architecture,
@@ -50,9 +54,6 @@ def save(
     overrides the options. ``source``: overrides the recorded source, e.g.
     ``{"kind": "timm", "name": "resnet18", "kwargs": {"num_classes": 10}}``.
     """
-    from ..convert import ConvertConfig
-    from ..sources.timm_models import model_source
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if has_meta_tensors(model):
@@ -100,15 +101,11 @@ def save(
 
 
 def _versions() -> dict[str, str | None]:
-    from .. import __version__
-
-    try:
-        import timm
-
-        timm_version = str(timm.__version__)
-    except ImportError:  # pragma: no cover
-        timm_version = None
-    return {"torch": str(torch.__version__), "timm": timm_version, "dynconvert": str(__version__)}
+    return {
+        "torch": str(torch.__version__),
+        "timm": str(timm.__version__),
+        "dynconvert": str(__version__),
+    }
 
 
 def _uniform_dtype(state_dict: dict[str, torch.Tensor]) -> str | None:
@@ -178,8 +175,6 @@ def load(
     of its architecture (unconverted, or already converted at the saved names). The training
     mode is left as the model was built.
     """
-    from ..sources.timm_models import SOURCE_ATTR, rebuild_timm_model
-
     if str(map_location) == "meta":
         raise DynconvertError(
             "map_location='meta' would load no weights; load on cpu (or cuda), or use "
@@ -234,8 +229,6 @@ def load(
 
 
 def _swap_saved(model: nn.Module, names: list[str], config, path: Path) -> None:
-    from ..convert import swap_named
-
     # A model passed already converted keeps its layers; strict loading checks their shapes.
     todo = [n for n in names if not isinstance(submodule_or_none(model, n), DynamicConvNd)]
     try:

@@ -17,6 +17,13 @@ from torch import nn
 from .dynamic_conv import DynamicConv2d
 
 
+def _timm_conv2d_same() -> type[nn.Conv2d]:
+    # timm on first use: it takes seconds to import, and `import dynconvert` loads the layers.
+    from timm.layers import Conv2dSame
+
+    return Conv2dSame
+
+
 def same_pad_amount(size: int, kernel: int, stride: int, dilation: int) -> int:
     """Total padding TF's 'SAME' adds to one dimension: ``out = ceil(size / stride)``."""
     out = -(-size // stride)
@@ -52,9 +59,7 @@ class DynamicConv2dSame(DynamicConv2d):
     def _target_for(cls, conv: nn.Module) -> type[DynamicConv2dSame]:
         """timm's ``Conv2dSame`` (or a subclass that keeps its forward) only: anything else
         pads otherwise (``nn.Conv2d``) or changes the kernel first (``StdConv2dSame``)."""
-        from timm.layers import Conv2dSame
-
-        if not isinstance(conv, nn.Conv2d) or type(conv).forward is not Conv2dSame.forward:
+        if not isinstance(conv, nn.Conv2d) or type(conv).forward is not _timm_conv2d_same().forward:
             raise TypeError(
                 f"conv: expected timm's Conv2dSame (or a subclass that keeps its forward), "
                 f"got {type(conv).__name__}"
@@ -67,9 +72,7 @@ class DynamicConv2dSame(DynamicConv2d):
         return {**super()._arguments_of(conv), "padding": 0, "padding_mode": "zeros"}
 
     def _static_conv(self, **factory: Any) -> nn.Module:
-        from timm.layers import Conv2dSame
-
-        return Conv2dSame(
+        return _timm_conv2d_same()(
             self.in_channels,
             self.out_channels,
             self.kernel_size,

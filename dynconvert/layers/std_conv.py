@@ -37,7 +37,8 @@ _STD_TYPES = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dS
 
 
 def _timm_std_conv_types() -> dict[str, type[nn.Module]]:
-    from timm.layers import std_conv  # timm is needed only to convert from or to its layers
+    # timm on first use: it takes seconds to import, and `import dynconvert` loads the layers.
+    from timm.layers import std_conv
 
     return {name: getattr(std_conv, name) for name in _STD_TYPES}
 

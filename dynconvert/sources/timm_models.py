@@ -23,6 +23,7 @@ import pickle
 import re
 from typing import Any
 
+import timm
 from torch import nn
 
 from ..errors import DynconvertError, first_line
@@ -36,8 +37,6 @@ _PLAIN = (str, int, float, bool, type(None))
 
 def close_timm_names(name: str, n: int = 3) -> list[str]:
     """The timm model names closest to ``name`` (architectures, or ``arch.tag`` names)."""
-    import timm
-
     candidates = timm.list_pretrained() if "." in name else timm.list_models()
     return difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
 
@@ -49,8 +48,6 @@ def _unknown_name_error(name: str) -> DynconvertError:
 
 
 def _check_timm_name(name: str) -> None:
-    import timm
-
     if not isinstance(name, str) or not name:
         raise DynconvertError(f"model name: expected a timm model name, got {name!r}", usage=True)
     if ":" in name:  # hf-hub:org/repo or local-dir:path, resolved by timm itself
@@ -97,8 +94,6 @@ def build_timm_model(
     instead of downloading them. The model records its name and kwargs (not ``pretrained``
     or ``checkpoint``: the weights travel in the saved state dict) for :func:`model_source`.
     """
-    import timm
-
     _check_timm_name(name)
     create_kwargs = dict(kwargs)
     if checkpoint is not None:
@@ -162,7 +157,7 @@ def _hub_config_cached(name: str) -> bool:
     """Whether the config of ``hf-hub:org/name[@revision]`` is in the local hub cache (then
     only the weights were missing)."""
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # optional dependency
 
         repo, _, revision = name.removeprefix("hf-hub:").partition("@")
         found = try_to_load_from_cache(repo, "config.json", revision=revision or None)
