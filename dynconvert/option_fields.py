@@ -173,3 +173,14 @@ def keyword_signature(
     ]
     rest = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in tail]
     return inspect.Signature([*head, *fields, *rest])
+
+
+def refuse_unknown_keywords(function: str, cls: type, keywords: Any) -> None:
+    """A TypeError naming the fields of ``cls`` when ``keywords`` holds another name."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(keywords) - known)
+    if unknown:
+        raise TypeError(
+            f"{function}() got unexpected keyword(s) {', '.join(unknown)}; the options are the "
+            f"fields of {cls.__name__}: {', '.join(sorted(known))}"
+        )

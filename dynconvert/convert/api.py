@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
 from typing import Any
@@ -11,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import DynconvertError
-from ..option_fields import keyword_signature
+from ..option_fields import keyword_signature, refuse_unknown_keywords
 from ..report import ConversionReport, ConvRow
 from .config import ConvertConfig
 from .costs import conv_macs, dynamic_overhead_macs
@@ -88,13 +87,7 @@ def _row(decision: Decision, new: nn.Module | None, config: ConvertConfig, model
 
 
 def _config_from(options: dict[str, Any], config: ConvertConfig | None) -> ConvertConfig:
-    known = {f.name for f in dataclasses.fields(ConvertConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TypeError(
-            f"convert() got unexpected keyword(s) {', '.join(unknown)}; the options are the "
-            f"fields of ConvertConfig: {', '.join(sorted(known))}"
-        )
+    refuse_unknown_keywords("convert", ConvertConfig, options)
     if config is not None:
         if not isinstance(config, ConvertConfig):
             raise TypeError(f"config: expected a ConvertConfig, got {type(config).__name__}")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import DynconvertError, first_line
-from ..option_fields import keyword_signature
+from ..option_fields import keyword_signature, refuse_unknown_keywords
 from . import export_state
 from .deps import check_available
 from .fold_bn import FoldedPair
@@ -145,13 +145,7 @@ def _weight_bytes(model: nn.Module) -> int:
 
 def _options_from(keywords: dict[str, Any], options: ExportOptions | None) -> ExportOptions:
     """The :class:`ExportOptions` of one call: ``options=``, or the keywords."""
-    known = {f.name for f in dataclasses.fields(ExportOptions)}
-    unknown = sorted(set(keywords) - known)
-    if unknown:
-        raise TypeError(
-            f"export() got unexpected keyword(s) {', '.join(unknown)}; the options are the "
-            f"fields of ExportOptions: {', '.join(sorted(known))}"
-        )
+    refuse_unknown_keywords("export", ExportOptions, keywords)
     if options is None:
         return ExportOptions(**keywords)
     if not isinstance(options, ExportOptions):
