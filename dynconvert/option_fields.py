@@ -15,6 +15,7 @@ This module imports nothing from the package: every layer may use it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
 from collections.abc import Sequence
@@ -143,3 +144,43 @@ def cli_fields(cls: type) -> list[dataclasses.Field]:
 def flag_name(field: dataclasses.Field) -> str:
     """``--name-with-dashes``, or the field's declared ``flag``."""
     return meta(field, "flag") or "--" + field.name.replace("_", "-")
+
+
+def keyword_signature(
+    cls: type,
+    head: Sequence[inspect.Parameter],
+    *,
+    positional: Sequence[str] = (),
+    tail: Sequence[str] = (),
+) -> inspect.Signature:
+    """The signature of a function taking ``cls``'s fields as keywords (``**options``), so that
+    ``help()`` and editors list each option with its default: ``head`` first, then the fields
+    named in ``positional`` (in that order, positional-or-keyword), the other fields
+    (keyword-only, in field order), and ``tail``'s keyword-only ``None`` parameters."""
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    ordered = [*(by_name[n] for n in positional),
+               *(f for f in dataclasses.fields(cls) if f.name not in positional)]  # fmt: skip
+    fields = [
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD
+            if f.name in positional
+            else inspect.Parameter.KEYWORD_ONLY,
+            default=default_of(f),
+            annotation=f.type,
+        )
+        for f in ordered
+    ]
+    rest = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in tail]
+    return inspect.Signature([*head, *fields, *rest])
+
+
+def refuse_unknown_keywords(function: str, cls: type, keywords: Any) -> None:
+    """A TypeError naming the fields of ``cls`` when ``keywords`` holds another name."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(keywords) - known)
+    if unknown:
+        raise TypeError(
+            f"{function}() got unexpected keyword(s) {', '.join(unknown)}; the options are the "
+            f"fields of {cls.__name__}: {', '.join(sorted(known))}"
+        )

@@ -12,7 +12,8 @@ from finetune_helpers import make_data_dir
 from test_export_cli import assert_one_line_error, run
 
 import dynconvert
-from dynconvert.cli import bench_cmd, convert_cmd, export_cmd, finetune_cmd, inspect_cmd
+from dynconvert.cli import bench_cmd, convert_cmd, export_cmd, inspect_cmd
+from dynconvert.model_request import finetune_run
 
 TIMM_NAME = "test_resnet"
 
@@ -42,7 +43,7 @@ def files(tmp_path, model_bytes, monkeypatch):
     for module, name in [
         (convert_cmd, "prepare_model"),
         (inspect_cmd, "prepare_model"),
-        (finetune_cmd, "load_model"),
+        (finetune_run, "load_model"),
         (export_cmd, "load_saved"),
         (bench_cmd, "_load_pair"),
     ]:

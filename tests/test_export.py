@@ -25,7 +25,7 @@ from torch import nn
 
 import dynconvert
 from dynconvert import DynconvertError
-from dynconvert.export import FORMATS, TOLERANCE, modes
+from dynconvert.export import FORMATS, TOLERANCE, export_state
 from dynconvert.export.api import _weight_bytes
 from dynconvert.export.verify import compare
 
@@ -144,7 +144,7 @@ def _grouped_strategy(model: nn.Module):
 
 def test_negative_control_grouped_trace_fails_verification(models, tmp_path, monkeypatch):
     """A graph with the batch baked into `groups` fails at other sizes; nothing is written."""
-    monkeypatch.setattr(modes, "static_strategy", _grouped_strategy)
+    monkeypatch.setattr(export_state, "static_strategy", _grouped_strategy)
     model, out = models("mixed"), tmp_path / "grouped.ts"
     with pytest.raises(DynconvertError, match="failed verification") as info:
         dynconvert.export(model, out, "torchscript", input_size=Mixed.input_size, show=False)
@@ -160,7 +160,7 @@ def test_negative_control_grouped_trace_fails_verification(models, tmp_path, mon
 
 
 def test_negative_control_grouped_onnx_export_fails(models, tmp_path, monkeypatch):
-    monkeypatch.setattr(modes, "static_strategy", _grouped_strategy)
+    monkeypatch.setattr(export_state, "static_strategy", _grouped_strategy)
     with pytest.raises(DynconvertError, match="onnx export of Mixed failed"):
         dynconvert.export(
             models("mixed"), tmp_path / "g.onnx", "onnx", input_size=Mixed.input_size, show=False
@@ -288,7 +288,7 @@ def test_exports_run_without_dynconvert(exported, models, tmp_path):
     files = [str(exported(name, fmt)[0]) for fmt in ("pt2", "onnx", "torchscript")]
     model = models(name)
     x = torch.randn(5, *input_size(name))  # a batch size the export never saw
-    with modes.eval_mode(model), torch.no_grad():
+    with export_state.eval_mode(model), torch.no_grad():
         reference = model(x)
     data = tmp_path / "io.pt"
     torch.save({"x": x, "reference": reference}, data)

@@ -220,7 +220,7 @@ def test_recipe_values_are_used_and_flags_override_them(tmp_path, capsys, tinyne
 
 
 def test_recipe_kernel_lr_scale_is_overridden_by_its_flag(tmp_path, capsys, tinynet):
-    from dynconvert.cli.finetune_cmd import collect_options
+    from dynconvert.model_request import collect_options
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("finetune:\n  kernel_lr_scale: 4\n  kernel_grad_scale: 0.5\n")

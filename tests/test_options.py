@@ -8,15 +8,19 @@ import inspect
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner
 
 import dynconvert
 from dynconvert import recipes
 from dynconvert.cli.convert_cmd import conversion_options, convert_command
+from dynconvert.cli.export_cmd import export_command
 from dynconvert.cli.finetune_cmd import finetune_command
 from dynconvert.cli.options import dataclass_options
 from dynconvert.convert import api as convert_api
 from dynconvert.convert.config import ConvertConfig
+from dynconvert.export import api as export_api
+from dynconvert.export.options import FORMAT_NAMES, ExportOptions
 from dynconvert.finetune.options import FinetuneOptions
 from dynconvert.model_request import CONVERSION_OPTIONS
 from dynconvert.option_fields import cli_fields, default_of, flag_name, meta, recipe_schema
@@ -65,6 +69,37 @@ def test_finetune_flags_match_the_fields():
                 assert param.help.endswith(f"[default: {default}]")
         else:
             assert param.default == default
+
+
+def test_export_flags_match_the_fields():
+    params = _params(export_command)
+    for field in cli_fields(ExportOptions):
+        param = params[field.name]
+        assert flag_name(field) in param.opts
+        if meta(field, "choices") is not None:
+            assert tuple(param.type.choices) == meta(field, "choices")
+        if field.name == "format":  # the command's default: the --out suffix
+            assert param.default is None and "--out suffix" in param.help
+            continue
+        assert param.help == meta(field, "help")
+        assert param.default == default_of(field)
+    hidden = {f.name for f in dataclasses.fields(ExportOptions)} - set(params)
+    assert hidden == {"batch_sizes", "example_input", "show"}  # declared cli=False
+    assert tuple(params["format"].type.choices) == FORMAT_NAMES
+
+
+def test_export_keyword_defaults_are_the_fields():
+    signature = inspect.signature(export_api.export)
+    names = [f.name for f in dataclasses.fields(ExportOptions)]
+    assert [n for n in signature.parameters if n in names] == names
+    for field in dataclasses.fields(ExportOptions):
+        assert repr(signature.parameters[field.name].default) == repr(default_of(field))
+    assert signature.parameters["format"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+
+
+def test_export_refuses_unknown_keywords():
+    with pytest.raises(TypeError, match="fields of ExportOptions"):
+        dynconvert.export(torch.nn.Identity(), "m.pt2", batch_size=3)
 
 
 def test_finetune_recipe_keys_are_the_fields():

@@ -32,9 +32,10 @@ from ..convert.config import ConvertConfig
 from ..errors import DynconvertError
 from ..io import check_outputs, read, save
 from ..model_request import CONVERSION_OPTIONS, ModelRequest, Prepared, apply_recipe, prepare_model
+from ..ranks import is_main_process
 from ..recipes import load_recipe
 from ..sources import is_saved_file, is_user_function
-from .finetune_cmd import finetune_step, is_main_process, pipeline_options, pop_pipeline_flags
+from .finetune_cmd import finetune_step, pipeline_options, pop_pipeline_flags
 from .options import dataclass_options
 from .params import FilePath, architecture_option, json_option
 

@@ -15,16 +15,18 @@ from pathlib import Path
 import click
 
 from ..errors import DynconvertError
+from ..export import export
+from ..export.deps import check_available
+from ..export.formats import FORMATS, format_for_suffix
+from ..export.options import FORMAT_NAMES, ExportOptions
+from ..io import check_outputs
 from ..model_request import build_architecture, load_saved
 from ..sources import check_model_path, full_input_size
-from .params import FilePath, architecture_option, input_size_option
-
-_FORMAT_NAMES = ("pt2", "onnx", "torchscript")
+from .options import dataclass_options
+from .params import FilePath, architecture_option
 
 
 def _format_name(format_name: str | None, out: Path) -> str:
-    from ..export.formats import FORMATS, format_for_suffix
-
     guessed = format_for_suffix(out)
     if format_name is not None:
         name = format_name.lower()
@@ -39,57 +41,36 @@ def _format_name(format_name: str | None, out: Path) -> str:
     if guessed is None:
         raise DynconvertError(
             f"--format is needed: {out.name} does not end in .pt2, .onnx or .ts "
-            f"(choose one of {', '.join(_FORMAT_NAMES)})",
+            f"(choose one of {', '.join(FORMAT_NAMES)})",
             usage=True,
         )
     return guessed
 
 
-def _check_opset(name: str, opset: int) -> None:
-    from ..export.formats import check_opset
-
-    if name == "onnx":
-        check_opset(opset)  # before the model is loaded
-
-
-@click.command("export")
-@click.argument("model_file", type=FilePath(dir_okay=False, path_type=Path))
-@click.option(
+# The command's --format defaults to the --out suffix, not to the API's "pt2": its choices are
+# the field's (FORMAT_NAMES), its default and help the command's own.
+_FORMAT = click.option(
     "--format",
-    "format_name",
-    type=click.Choice(_FORMAT_NAMES, case_sensitive=False),
+    "format",
+    type=click.Choice(FORMAT_NAMES, case_sensitive=False),
     default=None,
     help="Output format (default: from the --out suffix, .pt2, .onnx or .ts).",
 )
-@click.option(
+_OUT = click.option(
     "--out",
     type=FilePath(dir_okay=False, path_type=Path),
     required=True,
     help="File to write.",
 )
-@input_size_option("One sample's shape (default: the timm model's data config).")
-@click.option(
-    "--verify/--no-verify",
-    default=True,
-    show_default=True,
-    help="Load the file back and compare it with PyTorch at batch sizes 1, 3 and 8.",
-)
-@click.option(
-    "--fold-bn",
-    is_flag=True,
-    help="Fold each BatchNorm that directly follows a dynamic conv into its kernels.",
-)
-@click.option(
-    "--opset",
-    type=click.IntRange(min=18),
-    default=18,
-    show_default=True,
-    help="ONNX opset version (at most the installed onnx's newest).",
-)
+
+
+@click.command("export")
+@click.argument("model_file", type=FilePath(dir_okay=False, path_type=Path))
+@dataclass_options(ExportOptions, skip=("format",), extra={"format": _FORMAT, "input_size": _OUT})
 @architecture_option
 def export_command(
     model_file: Path,
-    format_name: str | None,
+    format: str | None,
     out: Path,
     input_size: tuple[int, ...] | None,
     verify: bool,
@@ -103,25 +84,13 @@ def export_command(
     dynconvert export model.pt --format onnx --out model.onnx
     dynconvert export model.pt --out model.pt2 --input-size 3,160,160 --fold-bn
     """
-    import dynconvert
-    from dynconvert.export.deps import check_available
-    from dynconvert.io import check_outputs
-
-    name = _format_name(format_name, out)
+    name = _format_name(format, out)
     check_outputs({"--out": out}, {"MODEL_FILE": model_file})
     check_available(name, verify)  # before the model is built: a missing package is one line
-    _check_opset(name, opset)
+    options = ExportOptions(format=name, verify=verify, fold_bn=fold_bn, opset=opset)  # checked
     check_model_path(model_file, "a dynconvert file")
     model = load_saved(model_file, build_architecture(architecture))
-    result = dynconvert.export(
-        model,
-        out,
-        name,
-        input_size=full_input_size(input_size, model),
-        verify=verify,
-        fold_bn=fold_bn,
-        opset=opset,
-    )
+    result = export(model, out, options=options, input_size=full_input_size(input_size, model))
     folded = f"; folded {len(result.folded)} BatchNorms" if fold_bn else ""
     checked = (
         f"verified at batch sizes {', '.join(str(r['batch']) for r in result.rows)} "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
 from typing import Any
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import DynconvertError
+from ..option_fields import keyword_signature, refuse_unknown_keywords
 from ..report import ConversionReport, ConvRow
 from .config import ConvertConfig
 from .costs import conv_macs, dynamic_overhead_macs
@@ -87,13 +87,7 @@ def _row(decision: Decision, new: nn.Module | None, config: ConvertConfig, model
 
 
 def _config_from(options: dict[str, Any], config: ConvertConfig | None) -> ConvertConfig:
-    known = {f.name for f in dataclasses.fields(ConvertConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TypeError(
-            f"convert() got unexpected keyword(s) {', '.join(unknown)}; the options are the "
-            f"fields of ConvertConfig: {', '.join(sorted(known))}"
-        )
+    refuse_unknown_keywords("convert", ConvertConfig, options)
     if config is not None:
         if not isinstance(config, ConvertConfig):
             raise TypeError(f"config: expected a ConvertConfig, got {type(config).__name__}")
@@ -176,27 +170,8 @@ def convert(
     return model, report
 
 
-def _signature_from_fields() -> inspect.Signature:
-    """``help(convert)`` lists every ConvertConfig field as a keyword, with its default."""
-    head = [
-        inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=nn.Module)
-    ]
-    fields = [
-        inspect.Parameter(
-            f.name,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD
-            if f.name == "k"
-            else inspect.Parameter.KEYWORD_ONLY,
-            default=f.default if f.default is not dataclasses.MISSING else f.default_factory(),
-            annotation=f.type,
-        )
-        for f in sorted(dataclasses.fields(ConvertConfig), key=lambda f: f.name != "k")
-    ]
-    tail = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
-        for name in ("example_input", "config")
-    ]
-    return inspect.Signature([*head, *fields, *tail])
-
-
-convert.__signature__ = _signature_from_fields()
+_MODEL = inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=nn.Module)
+# help(convert) lists every ConvertConfig field as a keyword, with its default.
+convert.__signature__ = keyword_signature(
+    ConvertConfig, [_MODEL], positional=("k",), tail=("example_input", "config")
+)

@@ -10,6 +10,8 @@ a file that passes is renamed into place, so a failed export leaves nothing behi
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import math
 import os
 import time
@@ -25,15 +27,16 @@ from torch import nn
 
 from ..errors import DynconvertError, first_line
 from ..io import atomic_output, check_free_space, check_output_path
+from ..option_fields import keyword_signature, refuse_unknown_keywords
 from . import export_state
 from .deps import check_available
 from .fold_bn import FoldedPair
 from .fold_bn import fold_bn as fold_batchnorms
-from .formats import FORMATS, MIN_OPSET, check_opset
+from .formats import FORMATS
+from .options import ExportOptions
 from .verify import failure_message, random_batch, table
 from .verify import verify as verify_file
 
-DEFAULT_BATCH_SIZES = (1, 3, 8)
 EXAMPLE_BATCH = 2  # torch.export specialises a dimension whose example size is 1
 
 
@@ -115,26 +118,6 @@ def _example(
     return example
 
 
-def _check_arguments(
-    format: str, batch_sizes: Sequence[int], opset: int
-) -> tuple[str, tuple[int, ...]]:
-    name = str(format).lower()
-    if name not in FORMATS:
-        raise DynconvertError(
-            f"unsupported export format {format!r}; choose one of {', '.join(FORMATS)}",
-            usage=True,
-        )
-    sizes = tuple(batch_sizes)
-    if not sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
-                            for b in sizes):  # fmt: skip
-        raise DynconvertError(
-            f"batch_sizes: expected positive ints, got {batch_sizes!r}", usage=True
-        )
-    if name == "onnx":
-        check_opset(opset)
-    return name, sizes
-
-
 def _probe(model: nn.Module, example: torch.Tensor, input_size: tuple[int, ...]) -> None:
     """One eval-mode forward, so that a wrong input size is one clear error, before any export."""
     try:
@@ -161,6 +144,16 @@ def _weight_bytes(model: nn.Module) -> int:
     return sum(seen.values())
 
 
+def _options_from(keywords: dict[str, Any], options: ExportOptions | None) -> ExportOptions:
+    """The :class:`ExportOptions` of one call: ``options=``, or the keywords."""
+    refuse_unknown_keywords("export", ExportOptions, keywords)
+    if options is None:
+        return ExportOptions(**keywords)
+    if not isinstance(options, ExportOptions):
+        raise TypeError(f"options: expected an ExportOptions, got {type(options).__name__}")
+    return dataclasses.replace(options, **keywords)
+
+
 def _show(rows: list[dict[str, Any]], title: str) -> None:
     Console().print(table(rows, title=title))
 
@@ -168,17 +161,16 @@ def _show(rows: list[dict[str, Any]], title: str) -> None:
 def export(
     model: nn.Module,
     path: str | os.PathLike[str],
-    format: str = "pt2",
+    format: str | None = None,
     *,
-    example_input: torch.Tensor | None = None,
-    input_size: Sequence[int] | None = None,
-    verify: bool = True,
-    fold_bn: bool = False,
-    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-    opset: int = MIN_OPSET,
-    show: bool = True,
+    options: ExportOptions | None = None,
+    **keywords: Any,
 ) -> ExportResult:
     """Export ``model`` (converted by :func:`dynconvert.convert`) to ``path`` with a dynamic batch.
+
+    The keyword options are the fields of :class:`~dynconvert.export.options.ExportOptions`,
+    their one source of names, defaults and help (``options=`` passes them as one value;
+    keywords given beside it replace its fields):
 
     ``format``: ``"pt2"`` (``torch.export``), ``"onnx"`` (torch.export-based exporter,
     ``opset`` >= 18) or ``"torchscript"`` (``torch.jit.trace``). The sample shape comes from
@@ -191,29 +183,36 @@ def export(
     of each of ``batch_sizes``; a max abs error above 1e-4 × max |output| raises
     :class:`DynconvertError` and nothing is written. ``show`` prints the table. The model's
     training flags and layer strategies are restored afterwards.
+
+    Why ``**keywords`` and not one keyword per option: as :func:`dynconvert.convert` does, the
+    signature is built from the fields (``help(export)`` shows each with its default), so a new
+    option is one field, with no default written a second time here.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
 
-    name, sizes = _check_arguments(format, batch_sizes, opset)
+    if format is not None:
+        keywords["format"] = format
+    options = _options_from(keywords, options)
+    name, sizes, example_input = options.format, options.batch_sizes, options.example_input
     fmt = FORMATS[name]
     path = Path(path)
     check_output_path(path)
-    check_available(name, verify)
+    check_available(name, options.verify)
 
     like = _reference_tensor(model)
-    if name == "onnx" and verify and like.dtype == torch.bfloat16:
+    if name == "onnx" and options.verify and like.dtype == torch.bfloat16:
         raise DynconvertError(
             "an ONNX file of a bfloat16 model cannot be checked: onnxruntime has no bfloat16 "
             "Conv; export a float32 copy (model.float()) to ONNX, or this model to pt2",
             usage=True,
         )
-    size = resolve_input_size(model, input_size, example_input)
+    size = resolve_input_size(model, options.input_size, example_input)
     example = _example(size, example_input, like)
     _probe(model, example, size)
 
     target, folded = model, []
-    if fold_bn:
+    if options.fold_bn:
         target = copy.deepcopy(model)
         with export_state.eval_mode(target):
             folded = fold_batchnorms(target)
@@ -225,7 +224,7 @@ def export(
         start = time.perf_counter()
         try:
             with export_state.eval_mode(target), export_state.static_strategy(target):
-                fmt.write(target, example, tmp, opset)
+                fmt.write(target, example, tmp, options.opset)
         except DynconvertError:
             raise
         except Exception as exc:
@@ -235,7 +234,7 @@ def export(
             ) from exc
         result.export_seconds = time.perf_counter() - start
 
-        if verify:
+        if options.verify:
             start = time.perf_counter()
             try:
                 runner = fmt.load(tmp, like.device)
@@ -251,7 +250,7 @@ def export(
             ):
                 result.rows = verify_file(name, runner, model, size, sizes, like)
             result.verify_seconds = time.perf_counter() - start
-            if show:
+            if options.show:
                 _show(result.rows, f"{path.name}: {fmt.description}, input {size}")
             if not result.verified:
                 raise DynconvertError(
@@ -259,3 +258,12 @@ def export(
                     f"was not written: {failure_message(result.rows)}"
                 )
     return result
+
+
+_HEAD = [
+    inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=nn.Module),
+    inspect.Parameter("path", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+]
+export.__signature__ = keyword_signature(
+    ExportOptions, _HEAD, positional=("format",), tail=("options",)
+)
