@@ -49,6 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 #: A child prints this once its imports are done; each model's timeout counts from then on.
 READY = "ready"
 STARTUP_SECONDS = 300
+OUT_OF_MEMORY = "Cannot allocate memory"  # PyTorch's CPU allocator, at the address-space limit
 RETRY_BATCH = 16  # for a model not exact at batch 2 (see run_one)
 STATUSES = ("converted-exact", "converted-with-skips", "nothing-to-convert", "refused", "failed",
             "timeout")  # fmt: skip
@@ -178,8 +179,22 @@ def sweep_chunk(names: list[str], args: argparse.Namespace) -> Iterator[dict]:
 
     A child checks many models (importing torch and timm costs more than most checks); it
     prints one JSON line per model. A model that outlives ``--timeout`` or kills its child
-    (memory limit, segfault) gets its own row, and a fresh child goes on with the rest.
+    (memory limit, segfault) gets its own row, and a fresh child goes on with the rest. A model
+    that ran out of memory in a child that had checked others before is checked again alone:
+    the earlier models' freed memory can stay mapped in that process.
     """
+    rows = _run_in_children(names, args)
+    alone = []
+    for row in rows:
+        if OUT_OF_MEMORY in (row.get("detail") or ""):
+            alone.append(row["name"])
+        else:
+            yield row
+    for name in alone:
+        yield from _run_in_children([name], args)
+
+
+def _run_in_children(names: list[str], args: argparse.Namespace) -> Iterator[dict]:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
     pending = list(names)
     while pending:
