@@ -22,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .. import engine
 from ..engine import STRATEGIES, graph_capture, output_memory_format
-from .geometry import check_k, conv_geometry
+from .geometry import check_k, conv_geometry, is_unbatched
 from .padding import ResolvedPadding, ntuple, resolve_padding
 from .routers import Router, SoftmaxRouter
 from .start import StartFn, zero_sum_kernels
@@ -319,20 +319,7 @@ class DynamicConvNd(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> bool:
         """Validate rank and channels; returns True for an unbatched input."""
-        n = self.dims
-        if x.dim() not in (n + 1, n + 2):
-            raise ValueError(
-                f"input: {type(self).__name__} expects a {n + 2}-D (batched) or {n + 1}-D "
-                f"(unbatched) tensor, got shape {tuple(x.shape)}"
-            )
-        unbatched = x.dim() == n + 1
-        channels = x.shape[0] if unbatched else x.shape[1]
-        if channels != self.in_channels:
-            raise ValueError(
-                f"input: expected {self.in_channels} channels, got {channels} "
-                f"(shape {tuple(x.shape)})"
-            )
-        return unbatched
+        return is_unbatched(x, self.dims, self.in_channels, type(self).__name__)
 
     def pad_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input the conv itself sees (non-zero padding modes pad explicitly)."""

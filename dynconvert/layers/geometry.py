@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from .padding import ntuple
 
 
@@ -49,3 +51,19 @@ def conv_geometry(
         if any(v < 1 for v in value):
             raise ValueError(f"{name}: must be positive, got {value}")
     return shapes["kernel_size"], shapes["stride"], shapes["dilation"]
+
+
+def is_unbatched(x: torch.Tensor, dims: int, in_channels: int, layer_name: str) -> bool:
+    """Whether ``x`` is one unbatched sample, after checking its rank and channels."""
+    if x.dim() not in (dims + 1, dims + 2):
+        raise ValueError(
+            f"input: {layer_name} expects a {dims + 2}-D (batched) or {dims + 1}-D "
+            f"(unbatched) tensor, got shape {tuple(x.shape)}"
+        )
+    unbatched = x.dim() == dims + 1
+    channels = x.shape[0] if unbatched else x.shape[1]
+    if channels != in_channels:
+        raise ValueError(
+            f"input: expected {in_channels} channels, got {channels} (shape {tuple(x.shape)})"
+        )
+    return unbatched
